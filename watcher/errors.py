@@ -1,0 +1,61 @@
+"""The exceptions nucleus-watcher raises on purpose.
+
+    WatcherError
+    ├── ConfigError              bad settings; carries one line per problem
+    ├── StoreError               the state database cannot be used
+    └── UploadError              a request to Nucleus did not confirm the items
+        ├── RetryableUploadError     try again later (network, timeout, 408, 429, 5xx)
+        ├── PermanentUploadError     this request will never succeed as is (400, 404, 413, bad file)
+        └── UnauthorizedError        401: the key is wrong; every upload pauses until it changes
+
+Anything else that escapes is a bug, not a user mistake.
+"""
+
+from __future__ import annotations
+
+
+class WatcherError(Exception):
+    """Base of every error nucleus-watcher raises on purpose."""
+
+
+class ConfigError(WatcherError):
+    """Settings that cannot be used. `problems` holds one printable line per problem."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class StoreError(WatcherError):
+    """The state database cannot be opened, read or written."""
+
+
+class UploadError(WatcherError):
+    """A request to Nucleus did not confirm the items it carried."""
+
+    def __init__(self, reason: str, *, status_code: int | None = None) -> None:
+        self.reason = reason
+        self.status_code = status_code
+        super().__init__(reason)
+
+
+class RetryableUploadError(UploadError):
+    """Transient: the same request may succeed later. `retry_after_seconds` comes from the server."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        status_code: int | None = None,
+        retry_after_seconds: float | None = None,
+    ) -> None:
+        super().__init__(reason, status_code=status_code)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class PermanentUploadError(UploadError):
+    """The request will not succeed as it is; the items are parked with the reason."""
+
+
+class UnauthorizedError(UploadError):
+    """The server refused the API key (401)."""
