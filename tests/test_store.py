@@ -1,0 +1,187 @@
+"""The state store on a real SQLite file: the queue's transitions and what counts as confirmed."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from watcher.errors import StoreError
+from watcher.store import FAILED, GONE, IN_FLIGHT, PENDING, UPLOADED, Candidate, StateStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    s = StateStore.open(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def candidate(
+    relpath: str = "Sunny/a.jpg", *, sha: str = "c1", meta: str = "m1", **kw: object
+) -> Candidate:
+    fields: dict[str, object] = {
+        "watch": "/srv/cam",
+        "relpath": relpath,
+        "dataset_id": "ds_1",
+        "reference_id": relpath,
+        "size_bytes": 10,
+        "mtime_ns": 1,
+        "content_sha256": sha,
+        "metadata": {"weather": "Sunny"},
+        "metadata_sha256": meta,
+        "remote_url": None,
+    }
+    fields.update(kw)
+    return Candidate(**fields)  # type: ignore[arg-type]
+
+
+def send_and_confirm(store: StateStore) -> list[int]:
+    batch = store.claim_batch(10)
+    ids = [r.id for r in batch]
+    store.mark_confirmed(ids)
+    return ids
+
+
+def test_database_settings_and_schema_version(store: StateStore, tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.close()
+
+
+def test_new_file_is_queued_claimed_and_confirmed(store: StateStore) -> None:
+    assert store.record_candidate(candidate()) == "new"
+    [claimed] = store.claim_batch(10)
+    assert claimed.state == PENDING  # the row as it was read; it is now in flight
+    assert store.get("/srv/cam", "Sunny/a.jpg").state == IN_FLIGHT  # type: ignore[union-attr]
+    assert store.claim_batch(10) == []
+    store.mark_confirmed([claimed.id])
+    record = store.get("/srv/cam", "Sunny/a.jpg")
+    assert record is not None and record.state == UPLOADED and record.confirmed_at is not None
+    assert record.metadata == {"weather": "Sunny"}
+
+
+def test_unchanged_file_is_not_sent_again(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    send_and_confirm(store)
+    assert store.record_candidate(candidate(mtime_ns=99)) == "unchanged"  # touched only
+    assert store.claim_batch(10) == []
+
+
+def test_changed_content_is_resent_once_as_update(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    send_and_confirm(store)
+    assert store.record_candidate(candidate(sha="c2")) == "changed"
+    assert store.record_candidate(candidate(sha="c2")) == "unchanged"
+    [again] = store.claim_batch(10)
+    assert again.update_flag is True
+    store.mark_confirmed([again.id])
+    assert store.claim_batch(10) == []
+
+
+def test_changed_metadata_is_resent_as_update(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    send_and_confirm(store)
+    assert store.record_candidate(candidate(meta="m2", metadata={"weather": "Foggy"})) == "changed"
+    [again] = store.claim_batch(10)
+    assert again.update_flag and again.metadata == {"weather": "Foggy"}
+
+
+def test_new_reference_id_is_not_an_update(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    send_and_confirm(store)
+    store.record_candidate(candidate(reference_id="other", meta="m2"))
+    [again] = store.claim_batch(10)
+    assert again.update_flag is False
+
+
+def test_change_while_in_flight_goes_out_after_the_send(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    [first] = store.claim_batch(10)
+    assert store.record_candidate(candidate(sha="c2")) == "deferred"
+    assert store.claim_batch(10) == []  # never two sends of one file at once
+    store.mark_confirmed([first.id])
+    [second] = store.claim_batch(10)
+    assert second.content_sha256 == "c2" and second.update_flag
+
+
+def test_retry_backs_off_and_failed_is_parked(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    [item] = store.claim_batch(10, now=100.0)
+    store.mark_retry([item.id], "HTTP 503", next_attempt_at=200.0)
+    assert store.claim_batch(10, now=150.0) == []
+    [item] = store.claim_batch(10, now=200.0)
+    assert item.attempts == 1 and item.last_error == "HTTP 503"
+    store.mark_failed([item.id], "HTTP 400: bad image")
+    record = store.get("/srv/cam", "Sunny/a.jpg")
+    assert (
+        record is not None and record.state == FAILED and record.last_error == "HTTP 400: bad image"
+    )
+    assert store.record_candidate(candidate()) == "unchanged"  # parked until it changes
+    assert store.requeue_failed([Path("/srv/cam/Sunny/a.jpg")]) == 1
+    assert len(store.claim_batch(10, now=1e12)) == 1
+
+
+def test_batches_share_dataset_and_kind(store: StateStore) -> None:
+    for i in range(3):
+        store.record_candidate(candidate(f"a{i}.jpg", mtime_ns=i))
+    store.record_candidate(candidate("b.jpg", dataset_id="ds_2", mtime_ns=10))
+    store.record_candidate(candidate("r.jpg", remote_url="s3://b/r.jpg", mtime_ns=11))
+    first = store.claim_batch(10)
+    assert [r.relpath for r in first] == ["a0.jpg", "a1.jpg", "a2.jpg"]
+    assert [r.relpath for r in store.claim_batch(10)] == ["b.jpg"]
+    assert [r.relpath for r in store.claim_batch(10)] == ["r.jpg"]
+
+
+def test_newest_first_order(store: StateStore) -> None:
+    for i in range(3):
+        store.record_candidate(candidate(f"a{i}.jpg", mtime_ns=i))
+    assert [r.relpath for r in store.claim_batch(2, newest_first=True)] == ["a2.jpg", "a1.jpg"]
+
+
+def test_interrupted_send_is_released_but_a_submitted_job_is_followed(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path / "state.db")
+    store.record_candidate(candidate("a.jpg"))
+    store.record_candidate(candidate("b.jpg"))
+    [a] = store.claim_batch(1)
+    [b] = store.claim_batch(1)
+    store.mark_job_submitted([b.id], "job_7")
+    store.close()
+    reopened = StateStore.open(tmp_path / "state.db")
+    assert reopened.release_in_flight() == 1
+    assert reopened.jobs_in_flight() == {"job_7": [b.id]}
+    assert [r.id for r in reopened.claim_batch(10)] == [a.id]
+    reopened.close()
+
+
+def test_gone_file_keeps_record_and_reappearing_file_is_not_resent(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    send_and_confirm(store)
+    assert store.mark_missing_gone("/srv/cam", present=set()) == 1
+    assert store.get("/srv/cam", "Sunny/a.jpg").state == GONE  # type: ignore[union-attr]
+    assert store.record_candidate(candidate()) == "unchanged"
+    assert store.get("/srv/cam", "Sunny/a.jpg").state == UPLOADED  # type: ignore[union-attr]
+
+
+def test_corrupt_database_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database" * 100)
+    store = StateStore.open(path)
+    store.record_candidate(candidate())
+    store.close()
+    aside = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].startswith("state.db.corrupt-")
+
+
+def test_read_only_open_sees_rows_and_refuses_writes(store: StateStore, tmp_path: Path) -> None:
+    store.record_candidate(candidate())
+    reader = StateStore.open_read_only(tmp_path / "state.db")
+    assert reader.state_counts()[PENDING] == 1
+    with pytest.raises(sqlite3.OperationalError):
+        reader.record_candidate(candidate("b.jpg"))
+    reader.close()
+    with pytest.raises(StoreError, match="no state database yet"):
+        StateStore.open_read_only(tmp_path / "missing.db")
