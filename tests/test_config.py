@@ -1,0 +1,473 @@
+"""Settings: the example file, one-line errors, environment overrides, API key lookup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from watcher.config import (
+    NucleusSettings,
+    Settings,
+    describe_watch,
+    load_settings,
+    parse_bandwidth_limit,
+    parse_listen_address,
+    resolve_api_key,
+)
+from watcher.errors import ConfigError
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
+MINIMAL_WATCH = '[[watch]]\npath = "/srv/camera"\ndataset_id = "ds_a"\n'
+SECRET_KEY = "live_9f8e7d6c5b4a3210secret"
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(text, encoding="utf-8")
+    return config_file
+
+
+def load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Settings:
+    return load_settings(write_config(tmp_path, text), environ=environ or {})
+
+
+def problems_of(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text, environ)
+    return caught.value.problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The example file
+
+
+def test_example_file_loads_as_is() -> None:
+    settings = load_settings(EXAMPLE_CONFIG, environ={})
+
+    assert settings.nucleus.endpoint == "https://api.scale.com/v1/nucleus"
+    assert settings.nucleus.api_key_file == ""
+    assert settings.upload.concurrency == 4
+    assert settings.upload.bandwidth_limit_bytes_per_second is None
+    assert settings.metrics.listen_address == ("127.0.0.1", 9464)
+    assert settings.state.path == Path("/var/lib/nucleus-watcher/state.db")
+    assert settings.watch[0].path == Path("/srv/camera")
+    assert describe_watch(settings, 0) == "watch[0] (/srv/camera)"
+    result = settings.rule_sets[0].classify("Foggy/2024-05-01/frame_12.jpg", mtime_ns=0)
+    assert result.reference_id == "Foggy/2024-05-01/frame_12.jpg"
+    assert result.metadata == {
+        "camera": "back",
+        "weather": "Foggy",
+        "Recording Date": "2024-05-01",
+        "frame": 12,
+    }
+
+
+def test_example_file_shows_every_key_of_every_section() -> None:
+    text = EXAMPLE_CONFIG.read_text()
+    settings = load_settings(EXAMPLE_CONFIG, environ={})
+    sections = ["nucleus", "upload", "settle", "scan", "state", "log", "metrics", "disk"]
+
+    for section in sections:
+        for key in type(getattr(settings, section)).model_fields:
+            assert f"\n{key} = " in text.split(f"[{section}]", 1)[1], f"{section}.{key}"
+    for key in type(settings.watch[0]).model_fields:
+        assert f"\n{key} = " in text or f"\n  {key} = " in text or key == "rules", key
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(EXAMPLE_CONFIG, environ={})
+
+    with pytest.raises(pydantic.ValidationError):
+        settings.upload.concurrency = 9  # type: ignore[misc]
+
+
+def test_device_defaults_to_hostname_and_device_id_wins(tmp_path: Path) -> None:
+    assert load(tmp_path, MINIMAL_WATCH).device == os.uname().nodename
+    assert load(tmp_path, 'device_id = "rig-3"\n' + MINIMAL_WATCH).device == "rig-3"
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        '[state]\npath = "state/db.sqlite"\n[nucleus]\napi_key_file = "key.txt"\n' + MINIMAL_WATCH,
+    )
+
+    assert settings.state.path == tmp_path / "state/db.sqlite"
+    assert settings.nucleus.api_key_file == str(tmp_path / "key.txt")
+
+
+# ---------------------------------------------------------------------------------------------
+# One line per problem
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "[upload]\nconcurency = 3\n" + MINIMAL_WATCH,
+            ["config.toml: at 'upload.concurency': unknown key (did you mean 'concurrency'?)"],
+            id="misspelt-key",
+        ),
+        pytest.param(
+            "[uplod]\nconcurrency = 3\n" + MINIMAL_WATCH,
+            ["config.toml: at 'uplod': unknown key (did you mean 'upload'?)"],
+            id="misspelt-section",
+        ),
+        pytest.param(
+            "[upload]\nconcurrency = 0\nmax_files_per_request = 11\n" + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.concurrency': must be at least 1 (got 0)",
+                "config.toml: at 'upload.max_files_per_request': must be at most 10 (got 11)",
+            ],
+            id="out-of-range",
+        ),
+        pytest.param(
+            "[upload]\nconcurrency = true\n" + MINIMAL_WATCH,
+            ["config.toml: at 'upload.concurrency': must be a number, not true/false"],
+            id="bool-for-number",
+        ),
+        pytest.param(
+            "[nucleus]\ntimeout_seconds = 0\n" + MINIMAL_WATCH,
+            ["config.toml: at 'nucleus.timeout_seconds': must be more than 0 (got 0)"],
+            id="zero-timeout",
+        ),
+        pytest.param(
+            "[upload]\nretry_initial_seconds = 600\nretry_max_seconds = 300\n" + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.retry_initial_seconds': must not be more than "
+                "retry_max_seconds (600 > 300)"
+            ],
+            id="retry-order",
+        ),
+        pytest.param(
+            '[upload]\nafter_upload = "archive"\non_conflict = "replace"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.after_upload': must be 'keep', 'delete' or 'move' "
+                "(got 'archive')",
+                "config.toml: at 'upload.on_conflict': must be 'skip' or 'update' (got 'replace')",
+            ],
+            id="enums",
+        ),
+        pytest.param(
+            '[upload]\nafter_upload = "move"\n' + MINIMAL_WATCH,
+            ["config.toml: at 'upload.archive_dir': is required when after_upload = \"move\""],
+            id="move-without-archive",
+        ),
+        pytest.param(
+            '[upload]\nafter_upload = "move"\narchive_dir = "/srv/camera/done"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.archive_dir': is inside watch[0] (/srv/camera); moved "
+                "files would be found again"
+            ],
+            id="archive-inside-watch",
+        ),
+        pytest.param(
+            '[upload]\nbandwidth_limit = "fast"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.bandwidth_limit': cannot read 'fast' as a rate; write "
+                'e.g. "2MiB/s", "500KB/s", "800kbit/s", or leave it empty for no limit'
+            ],
+            id="bandwidth",
+        ),
+        pytest.param(
+            '[log]\nformat = "xml"\nlevel = "loud"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'log.format': must be 'auto', 'json' or 'console' (got 'xml')",
+                "config.toml: at 'log.level': must be 'debug', 'info', 'warning', 'error' or "
+                "'critical' (got 'loud')",
+            ],
+            id="log",
+        ),
+        pytest.param(
+            '[metrics]\nlisten = "9464"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'metrics.listen': must be host:port like \"127.0.0.1:9464\" "
+                "(use 0.0.0.0 for every interface), or empty to turn metrics off (got '9464')"
+            ],
+            id="metrics-listen",
+        ),
+        pytest.param(
+            '[nucleus]\nendpoint = "api.scale.com"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'nucleus.endpoint': must be an http:// or https:// URL "
+                "(got 'api.scale.com')"
+            ],
+            id="endpoint",
+        ),
+        pytest.param(
+            "[settle]\nseconds = 5\nmax_wait_seconds = 1\n" + MINIMAL_WATCH,
+            ["config.toml: at 'settle.max_wait_seconds': must be at least settle.seconds (1 < 5)"],
+            id="settle-order",
+        ),
+        pytest.param(
+            "[upload]\nconcurrency = 2\n",
+            ["config.toml: at 'watch': at least one [[watch]] is required"],
+            id="no-watch",
+        ),
+        pytest.param(
+            '[watch]\npath = "/srv/camera"\ndataset_id = "ds_a"\n',
+            ["config.toml: at 'watch': must be an array of tables: write [[watch]], not [watch]"],
+            id="watch-as-table",
+        ),
+        pytest.param(
+            '[[watch]]\npath = "camera"\ndataset_id = ""\ninclude = "*.jpg"\n',
+            [
+                "config.toml: at 'watch[0].path': must be an absolute path (got 'camera')",
+                "config.toml: at 'watch[0].dataset_id': must not be empty; "
+                'it looks like "ds_..."',
+                "config.toml: at 'watch[0].include': must be a list of strings like [\"*.jpg\"] "
+                "(got '*.jpg')",
+            ],
+            id="watch-fields",
+        ),
+        pytest.param(
+            MINIMAL_WATCH + '[watch.rules]\nmatch = "a/**"\n',
+            [
+                "config.toml: at 'watch[0].rules': must be an array of tables: write "
+                "[[watch.rules]], not [watch.rules]"
+            ],
+            id="rules-as-table",
+        ),
+        pytest.param(
+            '[[watch]]\npath = "/srv/camera"\n',
+            ["config.toml: at 'watch[0].dataset_id': is required"],
+            id="missing-dataset",
+        ),
+        pytest.param(
+            MINIMAL_WATCH + '[[watch.rules]]\nmatch = "a/**"\nregex = "a"\n'
+            '[[watch.rules]]\nmetadata = { a = "b" }\n',
+            [
+                "config.toml: at 'watch[0].rules[0]': has both match and regex; give exactly one",
+                "config.toml: at 'watch[0].rules[1]': needs match (a glob) or regex",
+            ],
+            id="rule-selector",
+        ),
+        pytest.param(
+            MINIMAL_WATCH + "[[watch.rules]]\nregex = '(?P<frame>\\d+'\n",
+            [
+                "config.toml: at 'watch[0].rules[0].regex': is not a valid regular expression: "
+                "missing ), unterminated subpattern at position 0"
+            ],
+            id="bad-regex",
+        ),
+        pytest.param(
+            MINIMAL_WATCH + "metadata = { size = { w = 1 } }\n",
+            ["config.toml: at 'watch[0].metadata.size': must be text, a number or true/false"],
+            id="nested-metadata",
+        ),
+        pytest.param(
+            f'[nucleus]\napi_key = "{SECRET_KEY}"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'nucleus.api_key': unknown key; the API key never goes in the "
+                "config: name a file in nucleus.api_key_file or set NUCLEUS_API_KEY"
+            ],
+            id="api-key-in-file",
+        ),
+    ],
+)
+def test_bad_config_gives_one_line_per_problem(
+    tmp_path: Path, text: str, expected: list[str]
+) -> None:
+    assert problems_of(tmp_path, text) == expected
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path / "config.toml", environ={})
+
+    assert caught.value.problems == ["config.toml: cannot read: No such file or directory"]
+
+
+def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "[upload]\nconcurrency = = 3\n") == [
+        "config.toml: invalid TOML: Invalid value (at line 2, column 15)"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        "[upload]\nconcurrency = 2\n[scan]\npolling = false\n" + MINIMAL_WATCH,
+        {
+            "NUCLEUS_WATCHER_UPLOAD__CONCURRENCY": "8",
+            "NUCLEUS_WATCHER_SCAN__POLLING": "true",
+            "NUCLEUS_WATCHER_SETTLE__SECONDS": "0.5",
+            "NUCLEUS_WATCHER_WATCH__0__DATASET_ID": "ds_from_env",
+            "NUCLEUS_WATCHER_DEVICE_ID": "rig-9",
+            "NUCLEUS_WATCHER_CONFIG": "/etc/ignored-single-names.toml",
+        },
+    )
+
+    assert settings.upload.concurrency == 8
+    assert settings.scan.polling is True
+    assert settings.settle.seconds == 0.5
+    assert settings.watch[0].dataset_id == "ds_from_env"
+    assert settings.device == "rig-9"
+
+
+def test_nucleus_endpoint_variable_and_its_precedence(tmp_path: Path) -> None:
+    text = '[nucleus]\nendpoint = "https://file.example/v1/nucleus"\n' + MINIMAL_WATCH
+
+    official = load(tmp_path, text, {"NUCLEUS_ENDPOINT": "http://127.0.0.1:8080/v1/nucleus/"})
+    both = load(
+        tmp_path,
+        text,
+        {
+            "NUCLEUS_ENDPOINT": "http://127.0.0.1:8080/v1/nucleus",
+            "NUCLEUS_WATCHER_NUCLEUS__ENDPOINT": "http://127.0.0.1:9090/v1/nucleus",
+        },
+    )
+
+    assert official.nucleus.endpoint == "http://127.0.0.1:8080/v1/nucleus"
+    assert both.nucleus.endpoint == "http://127.0.0.1:9090/v1/nucleus"
+    assert load(tmp_path, text).nucleus.endpoint == "https://file.example/v1/nucleus"
+
+
+def test_bad_environment_values_name_key_and_variable(tmp_path: Path) -> None:
+    problems = problems_of(
+        tmp_path,
+        MINIMAL_WATCH,
+        {
+            "NUCLEUS_WATCHER_UPLOAD__CONCURRENCY": "many",
+            "NUCLEUS_WATCHER_UPLOAD__SPEED": "1",
+            "NUCLEUS_WATCHER_UPLAOD__CONCURRENCY": "1",
+            "NUCLEUS_WATCHER_WATCH__4__PATH": "/srv/other",
+            "NUCLEUS_ENDPOINT": "ftp://example",
+        },
+    )
+
+    assert problems == [
+        "config.toml: at 'uplaod.concurrency': NUCLEUS_WATCHER_UPLAOD__CONCURRENCY names no "
+        "setting; use NUCLEUS_WATCHER_<SECTION>__<KEY> or NUCLEUS_WATCHER_WATCH__<index>__<KEY>",
+        "config.toml: at 'watch[4]': is not in the file, so NUCLEUS_WATCHER_WATCH__4__PATH has "
+        "nothing to set",
+        "config.toml: at 'nucleus.endpoint': must be an http:// or https:// URL "
+        "(got 'ftp://example') (set by NUCLEUS_ENDPOINT)",
+        "config.toml: at 'upload.concurrency': must be a whole number (got 'many') "
+        "(set by NUCLEUS_WATCHER_UPLOAD__CONCURRENCY)",
+        "config.toml: at 'upload.speed': unknown key (set by NUCLEUS_WATCHER_UPLOAD__SPEED)",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# API key
+
+
+def write_key(path: Path, mode: int, text: str = SECRET_KEY + "\n") -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_api_key_file_comes_first(tmp_path: Path) -> None:
+    key_file = write_key(tmp_path / "key", 0o600)
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    write_key(credentials / "nucleus_api_key", 0o400, "from-credential")
+    environ = {"NUCLEUS_API_KEY": "from-env", "CREDENTIALS_DIRECTORY": str(credentials)}
+
+    assert resolve_api_key(NucleusSettings(api_key_file=str(key_file)), environ) == SECRET_KEY
+    assert resolve_api_key(NucleusSettings(), environ) == "from-env"
+    del environ["NUCLEUS_API_KEY"]
+    assert resolve_api_key(NucleusSettings(), environ) == "from-credential"
+
+
+def test_group_or_world_readable_key_file_is_refused_without_showing_the_key(
+    tmp_path: Path,
+) -> None:
+    key_file = write_key(tmp_path / "key", 0o644)
+
+    with pytest.raises(ConfigError) as caught:
+        resolve_api_key(NucleusSettings(api_key_file=str(key_file)), {"NUCLEUS_API_KEY": "other"})
+
+    assert caught.value.problems == [
+        f"API key file {key_file} is open to other users (mode 0644); run: chmod 600 {key_file}"
+    ]
+    assert SECRET_KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected_end"),
+    [
+        ("  \n", "is empty"),
+        (f"{SECRET_KEY} extra\n", ": the key contains spaces or control characters"),
+    ],
+)
+def test_unusable_key_file_contents(tmp_path: Path, content: str, expected_end: str) -> None:
+    key_file = write_key(tmp_path / "key", 0o600, content)
+
+    with pytest.raises(ConfigError) as caught:
+        resolve_api_key(NucleusSettings(api_key_file=str(key_file)), {})
+
+    assert str(caught.value).startswith(f"API key file {key_file}")
+    assert str(caught.value).endswith(expected_end)
+    assert SECRET_KEY not in str(caught.value)
+
+
+def test_missing_key_file_and_no_key_anywhere(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as missing:
+        resolve_api_key(NucleusSettings(api_key_file=str(tmp_path / "absent")), {})
+    with pytest.raises(ConfigError) as nowhere:
+        resolve_api_key(NucleusSettings(), {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+    assert missing.value.problems == [
+        f"API key file {tmp_path / 'absent'}: cannot read: No such file or directory"
+    ]
+    assert nowhere.value.problems == [
+        "no Nucleus API key: set nucleus.api_key_file or NUCLEUS_API_KEY, or give the systemd "
+        "credential 'nucleus_api_key' (LoadCredential=)"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers
+
+
+@pytest.mark.parametrize(
+    ("text", "bytes_per_second"),
+    [
+        ("", None),
+        ("2MiB/s", 2 * 1024 * 1024),
+        ("500KB/s", 500_000),
+        ("1.5MB/s", 1_500_000),
+        ("800kbit/s", 100_000),
+        ("10 Mbit/s", 1_250_000),
+        ("64KiB", 65_536),
+        ("1000", 1000),
+        ("1 GB / s", 1_000_000_000),
+    ],
+)
+def test_bandwidth_limit_parsing(text: str, bytes_per_second: int | None) -> None:
+    assert parse_bandwidth_limit(text) == bytes_per_second
+
+
+@pytest.mark.parametrize("text", ["2Mb/s", "fast", "-1MB/s", "0B/s", "2 MiB/min"])
+def test_bandwidth_limit_refusals(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_bandwidth_limit(text)
+
+
+def test_bandwidth_limit_reaches_upload_settings(tmp_path: Path) -> None:
+    settings = load(tmp_path, '[upload]\nbandwidth_limit = "2MiB/s"\n' + MINIMAL_WATCH)
+
+    assert settings.upload.bandwidth_limit_bytes_per_second == 2_097_152
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("", None),
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("[::1]:0", ("::1", 0)),
+        ("localhost:80", ("localhost", 80)),
+    ],
+)
+def test_listen_address_parsing(text: str, address: tuple[str, int] | None) -> None:
+    assert parse_listen_address(text) == address

@@ -1,0 +1,736 @@
+"""Settings: the TOML file, environment overrides, the API key, and one-line errors.
+
+Each section of the file is its own frozen pydantic model, so every stage is handed only its part.
+Unknown keys are errors (a misspelt key must not silently fall back to a default), and values that
+depend on each other, the rules and their templates included, are checked when the models are
+built: a bad config stops the daemon at start, not on the first file.
+
+Environment layer: `NUCLEUS_WATCHER_<SECTION>__<KEY>` (and `NUCLEUS_WATCHER_WATCH__<i>__<KEY>`,
+`NUCLEUS_WATCHER_DEVICE_ID`) override file values, and `NUCLEUS_ENDPOINT` sets nucleus.endpoint as
+the official client reads it. It is applied to the parsed file before validation, rather than
+through pydantic-settings' own environment source, so that a caller can pass the mapping to use
+(tests, reload), a bad value is reported under its key *and* the variable that set it, and the
+precedence between the two endpoint variables is explicit.
+
+Problems are reported as `config.toml: at 'watch[0].rules[1].regex': message`, one per line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+import stat
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from watcher import rules
+from watcher.errors import ConfigError
+
+__all__ = [
+    "DiskSettings",
+    "LogSettings",
+    "MetricsSettings",
+    "NucleusSettings",
+    "RuleSettings",
+    "ScanSettings",
+    "Settings",
+    "SettleSettings",
+    "StateSettings",
+    "UploadSettings",
+    "WatchSettings",
+    "compile_rules",
+    "describe_watch",
+    "load_settings",
+    "parse_bandwidth_limit",
+    "parse_listen_address",
+    "resolve_api_key",
+    "settings_from_mapping",
+]
+
+ENV_PREFIX = "NUCLEUS_WATCHER_"
+ENV_ENDPOINT = "NUCLEUS_ENDPOINT"
+ENV_API_KEY = "NUCLEUS_API_KEY"
+CREDENTIAL_NAME = "nucleus_api_key"
+
+
+class _KeyedProblems(ValueError):
+    """Raised from a validator to report problems under keys below the model being validated."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(message for _, message in self.problems))
+
+
+def _refuse_bool(value: Any) -> Any:
+    # pydantic's lax mode reads `concurrency = true` as 1; a bool in a number field is a mistake.
+    if isinstance(value, bool):
+        raise _KeyedProblems([("", "must be a number, not true/false")])
+    return value
+
+
+PositiveSeconds = Annotated[float, BeforeValidator(_refuse_bool), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers
+
+
+_BANDWIDTH = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*(?:/\s*s)?\s*")
+# Case matters: "MB" is bytes and "Mbit" bits. Ambiguous spellings like "Mb" are refused.
+_BANDWIDTH_UNIT_BYTES: dict[str, float] = {
+    "": 1,
+    "B": 1,
+    "kB": 1e3,
+    "KB": 1e3,
+    "MB": 1e6,
+    "GB": 1e9,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "bit": 1 / 8,
+    "kbit": 1e3 / 8,
+    "Kbit": 1e3 / 8,
+    "Mbit": 1e6 / 8,
+    "Gbit": 1e9 / 8,
+    "Kibit": 1024 / 8,
+    "Mibit": 1024**2 / 8,
+    "Gibit": 1024**3 / 8,
+}
+
+
+def parse_bandwidth_limit(text: str) -> int | None:
+    """ "2MiB/s" -> 2097152 bytes per second; "" -> None (unlimited). Raises ValueError."""
+    if not text.strip():
+        return None
+    found = _BANDWIDTH.fullmatch(text)
+    if found is None or found.group(2) not in _BANDWIDTH_UNIT_BYTES:
+        raise ValueError(
+            f'cannot read {text!r} as a rate; write e.g. "2MiB/s", "500KB/s", "800kbit/s", '
+            f"or leave it empty for no limit"
+        )
+    bytes_per_second = round(float(found.group(1)) * _BANDWIDTH_UNIT_BYTES[found.group(2)])
+    if bytes_per_second < 1:
+        raise ValueError(f"{text!r} is less than 1 byte per second; leave it empty for no limit")
+    return bytes_per_second
+
+
+def parse_listen_address(text: str) -> tuple[str, int] | None:
+    """ "127.0.0.1:9464" -> ("127.0.0.1", 9464); "[::1]:9464" -> ("::1", 9464); "" -> None."""
+    if not text:
+        return None
+    host, colon, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(
+            f'must be host:port like "127.0.0.1:9464" (use 0.0.0.0 for every interface), '
+            f"or empty to turn metrics off (got {text!r})"
+        )
+    return host, int(port_text)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+class NucleusSettings(_Section):
+    endpoint: str = "https://api.scale.com/v1/nucleus"
+    # Optional paths are strings with "" meaning "not set", as the file spells them.
+    api_key_file: str = ""
+    timeout_seconds: PositiveSeconds = 120
+    ca_bundle: str = ""
+    asynchronous: bool = False
+    job_poll_seconds: PositiveSeconds = 2.0
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_http_url(cls, value: str) -> str:
+        scheme, separator, rest = value.partition("://")
+        if scheme not in ("http", "https") or not separator or not rest.strip("/"):
+            raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
+        # Routes are joined as f"{endpoint}/dataset/..."; a trailing slash would double it.
+        return value.rstrip("/")
+
+
+class UploadSettings(_Section):
+    concurrency: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1)] = 4
+    max_files_per_request: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1, le=10)] = 10
+    max_file_bytes: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1)] = 104_857_600
+    bandwidth_limit: str = ""
+    retry_initial_seconds: PositiveSeconds = 1
+    retry_max_seconds: PositiveSeconds = 300
+    after_upload: Literal["keep", "delete", "move"] = "keep"
+    archive_dir: str = ""
+    on_conflict: Literal["skip", "update"] = "skip"
+    order: Literal["oldest-first", "newest-first"] = "oldest-first"
+    stop_timeout_seconds: PositiveSeconds = 30
+
+    @field_validator("bandwidth_limit")
+    @classmethod
+    def _bandwidth_parses(cls, value: str) -> str:
+        parse_bandwidth_limit(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UploadSettings:
+        problems: list[tuple[str, str]] = []
+        if self.retry_initial_seconds > self.retry_max_seconds:
+            problems.append(
+                (
+                    "retry_initial_seconds",
+                    f"must not be more than retry_max_seconds "
+                    f"({self.retry_initial_seconds:g} > {self.retry_max_seconds:g})",
+                )
+            )
+        if self.after_upload == "move" and not self.archive_dir:
+            problems.append(("archive_dir", 'is required when after_upload = "move"'))
+        if self.archive_dir and not Path(self.archive_dir).is_absolute():
+            problems.append(("archive_dir", f"must be an absolute path (got '{self.archive_dir}')"))
+        if problems:
+            raise _KeyedProblems(problems)
+        return self
+
+    @property
+    def bandwidth_limit_bytes_per_second(self) -> int | None:
+        return parse_bandwidth_limit(self.bandwidth_limit)
+
+
+class SettleSettings(_Section):
+    seconds: PositiveSeconds = 2.0
+    max_wait_seconds: PositiveSeconds = 600
+    verify_image: bool = True
+
+    @model_validator(mode="after")
+    def _wait_covers_settle(self) -> SettleSettings:
+        if self.max_wait_seconds < self.seconds:
+            raise _KeyedProblems(
+                [
+                    (
+                        "max_wait_seconds",
+                        f"must be at least settle.seconds "
+                        f"({self.max_wait_seconds:g} < {self.seconds:g})",
+                    )
+                ]
+            )
+        return self
+
+
+class ScanSettings(_Section):
+    interval_seconds: PositiveSeconds = 300
+    polling: bool = False
+
+
+class StateSettings(_Section):
+    path: Path = Path("/var/lib/nucleus-watcher/state.db")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"must be an absolute path (got '{value}')")
+        return value
+
+
+class LogSettings(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class MetricsSettings(_Section):
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        """(host, port), or None when metrics are off."""
+        return parse_listen_address(self.listen)
+
+
+class DiskSettings(_Section):
+    min_free_bytes: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=0)] = 0
+    delete_uploaded_when_low: bool = False
+
+
+def _check_metadata_table(table: dict[str, Any]) -> dict[str, Any]:
+    problems: list[tuple[str, str]] = []
+    for name, value in table.items():
+        if not name.strip():
+            problems.append((rules.dotted_key([name]), "a metadata key must not be empty"))
+        elif not isinstance(value, str | int | float | bool):
+            problems.append((rules.dotted_key([name]), "must be text, a number or true/false"))
+    if problems:
+        raise _KeyedProblems(problems)
+    return table
+
+
+class RuleSettings(_Section):
+    match: str | None = None
+    regex: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_values(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_metadata_table(value)
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> RuleSettings:
+        if self.match is not None and self.regex is not None:
+            raise _KeyedProblems([("", "has both match and regex; give exactly one")])
+        if self.match is None and self.regex is None:
+            raise _KeyedProblems([("", "needs match (a glob) or regex")])
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise _KeyedProblems(
+                    [("regex", f"is not a valid regular expression: {exc}")]
+                ) from None
+        return self
+
+
+class WatchSettings(_Section):
+    path: Path
+    dataset_id: str
+    recursive: bool = True
+    include: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png")
+    exclude: tuple[str, ...] = (".*", "*.tmp", "*.part", "*~")
+    reference_id: str = "{relpath}"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    remote_url: str = ""
+    rules: tuple[RuleSettings, ...] = ()
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # A missing folder is fine (a mount may come later; the daemon waits), a relative one is
+        # not: it would depend on the daemon's working directory.
+        if not value.is_absolute():
+            raise ValueError(f"must be an absolute path (got '{value}')")
+        return value
+
+    @field_validator("dataset_id")
+    @classmethod
+    def _dataset_id(cls, value: str) -> str:
+        if not value:
+            raise ValueError('must not be empty; it looks like "ds_..."')
+        if any(char.isspace() or char == "/" for char in value):
+            raise ValueError(f'{value!r} is not a dataset id; it looks like "ds_..."')
+        return value
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not pattern for pattern in value):
+            raise ValueError("holds an empty pattern")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_values(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_metadata_table(value)
+
+    @model_validator(mode="after")
+    def _rules_compile(self) -> WatchSettings:
+        problems = rules.watch_problems(self)
+        if problems:
+            raise _KeyedProblems(problems)
+        return self
+
+
+class Settings(_Section):
+    device_id: str = ""
+    nucleus: NucleusSettings = NucleusSettings()
+    upload: UploadSettings = UploadSettings()
+    settle: SettleSettings = SettleSettings()
+    scan: ScanSettings = ScanSettings()
+    state: StateSettings = StateSettings()
+    log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    disk: DiskSettings = DiskSettings()
+    watch: tuple[WatchSettings, ...]
+
+    _device: str = PrivateAttr(default="")
+    _rule_sets: tuple[rules.RuleSet, ...] = PrivateAttr(default=())
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> Settings:
+        problems: list[tuple[str, str]] = []
+        if not self.watch:
+            problems.append(("watch", "at least one [[watch]] is required"))
+        archive_dir = Path(self.upload.archive_dir) if self.upload.archive_dir else None
+        for index, watch in enumerate(self.watch):
+            if archive_dir is not None and archive_dir.is_relative_to(watch.path):
+                problems.append(
+                    (
+                        "upload.archive_dir",
+                        f"is inside {_describe(index, watch)}; moved files would be found again",
+                    )
+                )
+        self._device = self.device_id or socket.gethostname()
+        self._rule_sets = tuple(
+            rules.RuleSet(watch, self._device, f"watch[{index}]")
+            for index, watch in enumerate(self.watch)
+        )
+        problems.extend(
+            rules.type_conflicts(
+                [
+                    (rule_set.where, watch.dataset_id, rule_set)
+                    for watch, rule_set in zip(self.watch, self._rule_sets, strict=True)
+                ]
+            )
+        )
+        if problems:
+            raise _KeyedProblems(problems)
+        return self
+
+    @property
+    def device(self) -> str:
+        """The `{device}` template variable: device_id, or this machine's hostname."""
+        return self._device
+
+    @property
+    def rule_sets(self) -> tuple[rules.RuleSet, ...]:
+        """One compiled RuleSet per [[watch]], same order as `watch`."""
+        return self._rule_sets
+
+
+def _describe(index: int, watch: WatchSettings) -> str:
+    return f"watch[{index}] ({watch.path})"
+
+
+def compile_rules(settings: Settings) -> list[rules.RuleSet]:
+    """The RuleSet of each [[watch]], in order (compiled when the settings were loaded)."""
+    return list(settings.rule_sets)
+
+
+def describe_watch(settings: Settings, index: int) -> str:
+    """ "watch[0] (/srv/camera)": how messages name a watch."""
+    return _describe(index, settings.watch[index])
+
+
+# --------------------------------------------------------------------------------------------
+# Environment overrides
+
+
+_SECTION_NAMES = ("nucleus", "upload", "settle", "scan", "state", "log", "metrics", "disk")
+_TOP_LEVEL_SCALARS = ("device_id",)
+# Paths in the file may be relative to the file itself (handy next to a project); the models
+# then only ever see absolute paths.
+_FILE_RELATIVE_PATHS = (
+    ("nucleus", "api_key_file"),
+    ("nucleus", "ca_bundle"),
+    ("upload", "archive_dir"),
+    ("state", "path"),
+)
+
+
+def _apply_environment(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Write overrides into `data`; returns {dotted key: variable} and problems with variables."""
+    origins: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+
+    def section_table(name: str, key: str) -> dict[str, Any] | None:
+        table = data.setdefault(name, {})
+        if not isinstance(table, dict):
+            problems.append((name, f"is not a table, so {key} cannot set a key in it"))
+            return None
+        return table
+
+    endpoint_override = environ.get(ENV_ENDPOINT, "")
+    if endpoint_override and f"{ENV_PREFIX}NUCLEUS__ENDPOINT" not in environ:
+        table = section_table("nucleus", ENV_ENDPOINT)
+        if table is not None:
+            table["endpoint"] = endpoint_override
+            origins["nucleus.endpoint"] = ENV_ENDPOINT
+
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        value = environ[variable]
+        parts = variable[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) == 1:
+            # Single names are left for other uses, except the top-level keys themselves.
+            if parts[0] in _TOP_LEVEL_SCALARS:
+                data[parts[0]] = value
+                origins[parts[0]] = variable
+            continue
+        if len(parts) == 2 and parts[0] in _SECTION_NAMES:
+            table = section_table(parts[0], variable)
+            if table is not None:
+                table[parts[1]] = value
+                origins[rules.dotted_key(parts)] = variable
+            continue
+        if len(parts) == 3 and parts[0] == "watch" and parts[1].isdigit():
+            index = int(parts[1])
+            watches = data.get("watch")
+            if not isinstance(watches, list) or index >= len(watches):
+                problems.append(
+                    (f"watch[{index}]", f"is not in the file, so {variable} has nothing to set")
+                )
+            elif isinstance(watches[index], dict):
+                watches[index][parts[2]] = value
+                origins[rules.dotted_key(["watch", index, parts[2]])] = variable
+            continue
+        problems.append(
+            (
+                rules.dotted_key(parts),
+                f"{variable} names no setting; use {ENV_PREFIX}<SECTION>__<KEY> or "
+                f"{ENV_PREFIX}WATCH__<index>__<KEY>",
+            )
+        )
+    return origins, problems
+
+
+def _anchor_relative_paths(data: dict[str, Any], base_dir: Path) -> None:
+    for section, key in _FILE_RELATIVE_PATHS:
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        value = table.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            table[key] = str(base_dir / value)
+
+
+# --------------------------------------------------------------------------------------------
+# pydantic errors -> one-liners
+
+_MODEL_BY_CONTAINER: dict[str, type[BaseModel]] = {
+    "nucleus": NucleusSettings,
+    "upload": UploadSettings,
+    "settle": SettleSettings,
+    "scan": ScanSettings,
+    "state": StateSettings,
+    "log": LogSettings,
+    "metrics": MetricsSettings,
+    "disk": DiskSettings,
+    "watch": WatchSettings,
+    "rules": RuleSettings,
+}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:56] + "...'"
+
+
+def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
+    name = str(loc[-1])
+    if name == "api_key":
+        return (
+            "unknown key; the API key never goes in the config: name a file in "
+            "nucleus.api_key_file or set NUCLEUS_API_KEY"
+        )
+    container = next((part for part in reversed(loc[:-1]) if isinstance(part, str)), "")
+    model = _MODEL_BY_CONTAINER.get(container, Settings)
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1)
+    return f"unknown key (did you mean '{close[0]}'?)" if close else "unknown key"
+
+
+def _list_message(loc: tuple[str | int, ...], got: str) -> str:
+    if loc == ("watch",):
+        return "must be an array of tables: write [[watch]], not [watch]"
+    if loc[-1] == "rules":
+        return "must be an array of tables: write [[watch.rules]], not [watch.rules]"
+    if loc[-1] in ("include", "exclude"):
+        return f'must be a list of strings like ["*.jpg"] (got {got})'
+    return f"must be a list (got {got})"
+
+
+def _message(error: Any) -> str:
+    kind: str = error["type"]
+    loc: tuple[str | int, ...] = tuple(error["loc"])
+    ctx: dict[str, Any] = error.get("ctx") or {}
+    got = _shown(error.get("input"))
+    if kind == "extra_forbidden":
+        return _unknown_key_message(loc)
+    if kind == "missing":
+        return "at least one [[watch]] is required" if loc == ("watch",) else "is required"
+    if kind in ("tuple_type", "list_type"):
+        return _list_message(loc, got)
+    simple = {
+        "greater_than": f"must be more than {ctx.get('gt')} (got {got})",
+        "greater_than_equal": f"must be at least {ctx.get('ge')} (got {got})",
+        "less_than_equal": f"must be at most {ctx.get('le')} (got {got})",
+        "int_parsing": f"must be a whole number (got {got})",
+        "int_type": f"must be a whole number (got {got})",
+        "int_from_float": f"must be a whole number (got {got})",
+        "float_parsing": f"must be a number (got {got})",
+        "float_type": f"must be a number (got {got})",
+        "bool_parsing": f"must be true or false (got {got})",
+        "bool_type": f"must be true or false (got {got})",
+        "string_type": f"must be a string (got {got})",
+        "path_type": f"must be a path string (got {got})",
+        "literal_error": f"must be {ctx.get('expected')} (got {got})",
+        "dict_type": f"must be a table (got {got})",
+        "model_type": f"must be a table (got {got})",
+        "model_attributes_type": f"must be a table (got {got})",
+    }
+    if kind in simple:
+        return simple[kind]
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    return str(error["msg"])
+
+
+def _problems_from(exc: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for error in exc.errors():
+        base = rules.dotted_key(error["loc"])
+        raised = (error.get("ctx") or {}).get("error")
+        if isinstance(raised, _KeyedProblems):
+            problems.extend(
+                (rules.join_key(base, key), message) for key, message in raised.problems
+            )
+        else:
+            problems.append((base, _message(error)))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any],
+    *,
+    name: str = "settings",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Validate already-parsed TOML data; `name` starts every problem line like a file name."""
+    raw: dict[str, Any] = _deep_copy_tables(data)
+    origins, problems = _apply_environment(raw, os.environ if environ is None else environ)
+    if base_dir is not None:
+        _anchor_relative_paths(raw, base_dir)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc))
+    else:
+        if not problems:
+            return settings
+    lines = []
+    for key, message in problems:
+        origin = origins.get(key)
+        suffix = f" (set by {origin})" if origin else ""
+        lines.append(f"{name}: at '{key}': {message}{suffix}")
+    raise ConfigError(lines)
+
+
+def _deep_copy_tables(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _deep_copy_tables(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy_tables(item) for item in value]
+    return value
+
+
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge with the environment, and validate; raises ConfigError, one line per problem."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path.name}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path.name}: cannot read: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path.name}: invalid TOML: {exc}") from None
+    return settings_from_mapping(
+        data, name=path.name, base_dir=path.absolute().parent, environ=environ
+    )
+
+
+def resolve_api_key(nucleus: NucleusSettings, environ: Mapping[str, str] | None = None) -> str:
+    """api_key_file, else NUCLEUS_API_KEY, else the systemd credential. Never echoes the key."""
+    environ = os.environ if environ is None else environ
+    if nucleus.api_key_file:
+        return _read_key_file(Path(nucleus.api_key_file), check_mode=True)
+    from_environment = environ.get(ENV_API_KEY, "").strip()
+    if from_environment:
+        _check_key_text(from_environment, ENV_API_KEY)
+        return from_environment
+    credentials_directory = environ.get("CREDENTIALS_DIRECTORY", "")
+    if credentials_directory:
+        credential = Path(credentials_directory) / CREDENTIAL_NAME
+        if credential.exists():
+            # systemd owns the mode of its credential files; it makes them private itself.
+            return _read_key_file(credential, check_mode=False)
+    raise ConfigError(
+        "no Nucleus API key: set nucleus.api_key_file or NUCLEUS_API_KEY, or give the systemd "
+        f"credential {CREDENTIAL_NAME!r} (LoadCredential=)"
+    )
+
+
+def _read_key_file(key_file: Path, *, check_mode: bool) -> str:
+    try:
+        with key_file.open("rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if check_mode and mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(
+                    f"API key file {key_file} is open to other users "
+                    f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {key_file}"
+                )
+            content = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"API key file {key_file}: cannot read: {exc.strerror or exc}") from None
+    try:
+        key = content.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"API key file {key_file} is not UTF-8 text") from None
+    if not key:
+        raise ConfigError(f"API key file {key_file} is empty")
+    _check_key_text(key, f"API key file {key_file}")
+    return key
+
+
+def _check_key_text(key: str, source: str) -> None:
+    # The key goes into an Authorization header: a stray newline or space would corrupt it.
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in key):
+        raise ConfigError(f"{source}: the key contains spaces or control characters")
