@@ -1,0 +1,277 @@
+"""Is this image file completely written? Judged from its head and tail, never the whole file.
+
+A writer that is still busy, or died half-way, leaves a file whose end does not match what its
+format promises: JPEG ends in an EOI marker, PNG in an IEND chunk, GIF in a trailer byte; WebP,
+BMP and TIFF declare their sizes or offsets in the header. `check_image_complete` compares the
+two with a few small reads, so it is cheap enough for the settler to call on every candidate.
+
+It says "looks complete", not "decodes": a file cut off exactly after an embedded thumbnail's
+EOI would pass, which is why the settler also requires the size and mtime to have stopped moving.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# How much of the head `sniff_image_type` looks at; callers reading a head should read this much.
+SNIFF_BYTES = 32
+
+# Some cameras pad a JPEG after EOI with zeros up to a block size; more than this is not padding
+# but a preallocated file whose tail has not been written yet.
+JPEG_MAX_ZERO_PADDING_BYTES = 64
+
+_JPEG_SOI = b"\xff\xd8\xff"
+_JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# length 0, type "IEND", and the CRC of "IEND", which is always the same.
+_PNG_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+_GIF_TRAILER = b"\x3b"
+_BMP_DIB_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+
+# TIFF tags whose arrays say where the pixel data lies.
+_TIFF_STRIP_OFFSETS = 273
+_TIFF_STRIP_BYTE_COUNTS = 279
+_TIFF_TILE_OFFSETS = 324
+_TIFF_TILE_BYTE_COUNTS = 325
+_TIFF_TYPE_SIZES = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8: the types offsets and counts use
+# Beyond this many IFD entries or strips, reading them stops being cheap; fall back to the
+# IFD-in-range check alone.
+_TIFF_MAX_IFD_ENTRIES = 4096
+_TIFF_MAX_STRIPS = 65536
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """The image format `head` (the first bytes of a file) starts with, or None.
+
+    Returns "jpeg", "png", "gif", "webp", "tiff" or "bmp". Give it at least `SNIFF_BYTES`
+    bytes when the file has that many; shorter heads are judged on what is there.
+    """
+    if head.startswith(_JPEG_SOI):
+        return "jpeg"
+    if head.startswith(_PNG_SIGNATURE):
+        return "png"
+    if head[:6] in _GIF_SIGNATURES:
+        return "gif"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if len(head) >= 18 and head[:2] == b"BM":
+        dib_header_size = int.from_bytes(head[14:18], "little")
+        if dib_header_size in _BMP_DIB_HEADER_SIZES:
+            return "bmp"
+    return None
+
+
+def check_image_complete(path: Path) -> str | None:
+    """None if the image at `path` looks completely written, else a short reason why not.
+
+    Reads a few bytes at the head and the tail (and, for TIFF, the first directory).
+    Never opens anything but a regular file, so a FIFO is not disturbed.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size == 0:
+        return "zero-byte file"
+    try:
+        # O_NONBLOCK: should the path become a FIFO between stat and open, do not hang on it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    try:
+        file_st = os.fstat(fd)
+        if not stat.S_ISREG(file_st.st_mode):
+            return "not a regular file"
+        reader = _ImageReader(fd, file_st.st_size)
+        return _check_by_format(reader)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class _ImageReader:
+    """Positional reads on an open file of known size; reads past the end come back short."""
+
+    fd: int
+    size_bytes: int
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length <= 0 or offset >= self.size_bytes:
+            return b""
+        return os.pread(self.fd, min(length, self.size_bytes - offset), offset)
+
+    def tail(self, length: int) -> bytes:
+        start = max(0, self.size_bytes - length)
+        return self.read_at(start, self.size_bytes - start)
+
+
+def _check_by_format(reader: _ImageReader) -> str | None:
+    head = reader.read_at(0, SNIFF_BYTES)
+    kind = sniff_image_type(head)
+    if kind == "jpeg":
+        return _check_jpeg(reader)
+    if kind == "png":
+        return _check_png(reader)
+    if kind == "gif":
+        return None if reader.tail(1) == _GIF_TRAILER else "GIF has no trailer"
+    if kind == "webp":
+        return _check_webp(head, reader)
+    if kind == "tiff":
+        return _check_tiff(head, reader)
+    if kind == "bmp":
+        return _check_bmp(head, reader)
+    return "not an image: unknown signature"
+
+
+def _check_jpeg(reader: _ImageReader) -> str | None:
+    window = reader.tail(len(_JPEG_EOI) + JPEG_MAX_ZERO_PADDING_BYTES)
+    # rstrip removes at most the whole window; a padding longer than allowed leaves fewer than
+    # two bytes, so it cannot end in EOI and is refused like a missing marker.
+    unpadded = window.rstrip(b"\x00")
+    if reader.size_bytes < len(_JPEG_SOI) + len(_JPEG_EOI) or not unpadded.endswith(_JPEG_EOI):
+        return "JPEG has no end-of-image marker"
+    return None
+
+
+def _check_png(reader: _ImageReader) -> str | None:
+    if reader.size_bytes < len(_PNG_SIGNATURE) + len(_PNG_IEND_CHUNK):
+        return "PNG has no IEND chunk"
+    if reader.tail(len(_PNG_IEND_CHUNK)) != _PNG_IEND_CHUNK:
+        return "PNG has no IEND chunk"
+    return None
+
+
+def _check_webp(head: bytes, reader: _ImageReader) -> str | None:
+    riff_payload_bytes = int.from_bytes(head[4:8], "little")
+    if reader.size_bytes != riff_payload_bytes + 8:
+        return "WebP size does not match its RIFF header"
+    return None
+
+
+def _check_bmp(head: bytes, reader: _ImageReader) -> str | None:
+    declared_size_bytes = int.from_bytes(head[2:6], "little")
+    pixel_offset = int.from_bytes(head[10:14], "little")
+    if declared_size_bytes == 0:
+        # Allowed by the format for uncompressed bitmaps; the pixel offset is all there is.
+        return None if reader.size_bytes > pixel_offset else "BMP is shorter than its header says"
+    if reader.size_bytes < declared_size_bytes:
+        return "BMP is shorter than its header says"
+    return None
+
+
+@dataclass(frozen=True)
+class _TiffLayout:
+    """Classic TIFF and BigTIFF differ only in field widths; this holds the widths."""
+
+    byte_order: str  # "<" or ">" for struct
+    offset_format: str  # "I" (4 bytes) or "Q" (8 bytes)
+    entry_count_format: str  # "H" or "Q"
+    entry_bytes: int  # 12 or 20
+    inline_value_bytes: int  # 4 or 8
+    header_bytes: int  # 8 or 16; the first directory's offset ends the header
+
+    @property
+    def offset_bytes(self) -> int:
+        return struct.calcsize(self.offset_format)
+
+    @property
+    def entry_count_bytes(self) -> int:
+        return struct.calcsize(self.entry_count_format)
+
+    def unpack(self, fmt: str, data: bytes, offset: int = 0) -> int:
+        value: int = struct.unpack_from(self.byte_order + fmt, data, offset)[0]
+        return value
+
+
+def _tiff_layout(head: bytes) -> _TiffLayout | None:
+    byte_order = "<" if head[:2] == b"II" else ">"
+    version = struct.unpack_from(byte_order + "H", head, 2)[0]
+    if version == 42:
+        return _TiffLayout(byte_order, "I", "H", 12, 4, 8)
+    if len(head) >= 16 and struct.unpack_from(byte_order + "H", head, 4)[0] == 8:
+        return _TiffLayout(byte_order, "Q", "Q", 20, 8, 16)
+    return None
+
+
+def _check_tiff(head: bytes, reader: _ImageReader) -> str | None:
+    layout = _tiff_layout(head)
+    if layout is None or len(head) < layout.header_bytes:
+        return "TIFF header is incomplete"
+    ifd_offset = layout.unpack(
+        layout.offset_format, head, layout.header_bytes - layout.offset_bytes
+    )
+    count_raw = reader.read_at(ifd_offset, layout.entry_count_bytes)
+    if ifd_offset < layout.header_bytes or len(count_raw) < layout.entry_count_bytes:
+        return "TIFF first directory lies outside the file"
+    entry_count = layout.unpack(layout.entry_count_format, count_raw)
+    entries_offset = ifd_offset + layout.entry_count_bytes
+    ifd_end = entries_offset + entry_count * layout.entry_bytes + layout.offset_bytes
+    if ifd_end > reader.size_bytes:
+        return "TIFF first directory lies outside the file"
+    if entry_count > _TIFF_MAX_IFD_ENTRIES:
+        return None
+    entries = reader.read_at(entries_offset, entry_count * layout.entry_bytes)
+    data_end = _tiff_pixel_data_end(layout, entries, entry_count, reader)
+    if data_end is None:
+        return "TIFF strip or tile table lies outside the file"
+    if data_end > reader.size_bytes:
+        return "TIFF is shorter than its strips or tiles"
+    return None
+
+
+def _tiff_pixel_data_end(
+    layout: _TiffLayout, entries: bytes, entry_count: int, reader: _ImageReader
+) -> int | None:
+    """The highest offset+count of IFD0's strips or tiles (0 if it has none); None if unreadable."""
+    arrays: dict[int, list[int]] = {}
+    wanted = (
+        _TIFF_STRIP_OFFSETS,
+        _TIFF_STRIP_BYTE_COUNTS,
+        _TIFF_TILE_OFFSETS,
+        _TIFF_TILE_BYTE_COUNTS,
+    )
+    count_format = "I" if layout.entry_bytes == 12 else "Q"
+    for index in range(entry_count):
+        base = index * layout.entry_bytes
+        tag = layout.unpack("H", entries, base)
+        if tag not in wanted:
+            continue
+        value_type = layout.unpack("H", entries, base + 2)
+        value_count = layout.unpack(count_format, entries, base + 4)
+        value_size = _TIFF_TYPE_SIZES.get(value_type)
+        if value_size is None:
+            return None
+        if value_count > _TIFF_MAX_STRIPS:
+            return 0  # too many to read cheaply; the directory check above has to do
+        value_field_offset = base + 4 + struct.calcsize(count_format)
+        array_bytes = value_count * value_size
+        if array_bytes <= layout.inline_value_bytes:
+            raw = entries[value_field_offset : value_field_offset + array_bytes]
+        else:
+            array_offset = layout.unpack(layout.offset_format, entries, value_field_offset)
+            raw = reader.read_at(array_offset, array_bytes)
+            if len(raw) < array_bytes:
+                return None
+        value_format = {2: "H", 4: "I", 8: "Q"}[value_size]
+        arrays[tag] = list(struct.unpack(f"{layout.byte_order}{value_count}{value_format}", raw))
+    data_end = 0
+    for offsets_tag, counts_tag in (
+        (_TIFF_STRIP_OFFSETS, _TIFF_STRIP_BYTE_COUNTS),
+        (_TIFF_TILE_OFFSETS, _TIFF_TILE_BYTE_COUNTS),
+    ):
+        offsets = arrays.get(offsets_tag, [])
+        counts = arrays.get(counts_tag, [])
+        for offset, count in zip(offsets, counts, strict=False):
+            data_end = max(data_end, offset + count)
+    return data_end

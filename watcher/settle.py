@@ -1,0 +1,361 @@
+"""Deciding when a file is finished: size and mtime stop moving (and the image is whole).
+
+Every path the intake or the reconcile hands over becomes a candidate with a deadline. One
+thread sleeps until the earliest deadline, looks at the file (lstat, and the image check when it
+can matter), and either reports it ready, reports it incomplete, or sets a new deadline.
+
+When a candidate is ready:
+
+* its (size, mtime_ns) has not changed for `settle_seconds` (each new event for the path pushes
+  the next look `settle_seconds` out, so a busy writer is not even looked at); or
+* a close-after-write event came, and the file then held still for a short grace, or (with
+  `verify_image`) the image checks out complete right away. The event alone is never enough: a
+  writer may close and reopen.
+
+With `verify_image`, "held still" is not enough either: a stable file whose JPEG has no EOI yet
+keeps waiting. After `max_wait_seconds` a candidate that never became ready is reported once
+through `on_incomplete`, then parked until its size or mtime changes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import structlog
+
+from watcher.imagecheck import check_image_complete
+
+log = structlog.get_logger("watcher.settle")
+
+# After a close-after-write event, how long the size and mtime must hold still (without an image
+# check) before the file counts as finished. A writer that closes and reopens to append does so
+# within milliseconds, and ext4/xfs timestamps tick at the kernel's coarse clock (at most 10 ms),
+# so 0.1 s is ten ticks: a second write would show as a new mtime or size. It is still 20x
+# shorter than the default 2 s settle, which is the whole point of listening for the close.
+CLOSE_GRACE_SECONDS = 0.1
+
+
+class _Observation(NamedTuple):
+    size_bytes: int
+    mtime_ns: int
+
+
+def _observation_of(st: os.stat_result) -> _Observation:
+    return _Observation(st.st_size, st.st_mtime_ns)
+
+
+# Stands in for the observation of a file that could not be stat'ed, so that parking works for it.
+_UNREADABLE = _Observation(-1, -1)
+
+
+@dataclass
+class _Candidate:
+    """Everything the settler knows about one path. Touched only under the settler's lock."""
+
+    path: Path
+    pending_since: float  # start of the max_wait window
+    submits: int = 0  # bumped by every submit; a look that raced with a submit is not trusted
+    heap_token: int = -1  # matches the live heap entry; older entries are stale
+    closed_hint: bool = False  # a close-after-write came and no later write event yet
+    observation: _Observation | None = None
+    observed_since: float = 0.0  # when `observation` was first seen
+    verified: tuple[_Observation, str | None] | None = None  # last image check and its verdict
+    reported: _Observation | None = None  # parked: on_incomplete already told about this state
+
+    @property
+    def parked(self) -> bool:
+        return self.reported is not None
+
+
+@dataclass(frozen=True)
+class _Look:
+    """What one look at a file found (taken without the lock)."""
+
+    vanished: bool = False
+    st: os.stat_result | None = None
+    not_regular_reason: str | None = None
+    unreadable_reason: str | None = None
+    verified: tuple[_Observation, str | None] | None = None
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    ready_stat: os.stat_result | None = None
+    incomplete_reason: str | None = None
+
+
+class Settler:
+    """Reports each submitted path once it is completely written.
+
+    `on_ready(path, stat_result)` and `on_incomplete(path, reason)` run on the settler's thread,
+    never under its lock, so they may call `submit` or `forget`. Keep them quick: the next
+    deadline waits for them.
+    """
+
+    def __init__(
+        self,
+        *,
+        settle_seconds: float,
+        max_wait_seconds: float,
+        verify_image: bool,
+        on_ready: Callable[[Path, os.stat_result], None],
+        on_incomplete: Callable[[Path, str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if settle_seconds <= 0:
+            raise ValueError(f"settle_seconds must be positive, got {settle_seconds}")
+        if max_wait_seconds < settle_seconds:
+            raise ValueError(
+                f"max_wait_seconds ({max_wait_seconds}) must be at least "
+                f"settle_seconds ({settle_seconds})"
+            )
+        self._settle_seconds = settle_seconds
+        self._max_wait_seconds = max_wait_seconds
+        self._verify_image = verify_image
+        self._on_ready = on_ready
+        self._on_incomplete = on_incomplete
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._candidates: dict[Path, _Candidate] = {}
+        self._heap: list[tuple[float, int, Path]] = []
+        self._tokens = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- called from any thread ------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError("Settler already started")
+            self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it; pending candidates are dropped (the reconcile finds
+        them again at the next start)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def submit(self, path: Path, *, closed: bool = False) -> None:
+        """Something happened to `path`; `closed` when it was a close-after-write.
+
+        Never touches the disk, so it is safe to call from a watchdog handler.
+        """
+        now = self._clock()
+        with self._cond:
+            candidate = self._candidates.get(path)
+            if candidate is None:
+                candidate = _Candidate(path=path, pending_since=now)
+                self._candidates[path] = candidate
+                # Look at once to have a baseline; readiness needs a second, later look anyway.
+                deadline = now
+            elif closed:
+                deadline = now
+            else:
+                # Still being written: no point looking before it could have settled.
+                deadline = now + self._settle_seconds
+            candidate.submits += 1
+            candidate.closed_hint = closed
+            self._schedule(candidate, deadline)
+
+    def forget(self, path: Path) -> None:
+        """The file is gone (or moved away): stop tracking it."""
+        with self._cond:
+            self._candidates.pop(path, None)
+            # Its heap entries go stale: the token no longer matches any candidate.
+
+    def is_alive(self) -> bool:
+        """True while the settler thread runs (for the daemon's health check)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def pending_count(self) -> int:
+        """Candidates still waiting to settle (parked incomplete ones are not counted)."""
+        with self._cond:
+            return sum(1 for candidate in self._candidates.values() if not candidate.parked)
+
+    # -- the settler thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                candidate = self._wait_for_due()
+                if candidate is None:
+                    return
+                submits = candidate.submits
+                snapshot = (candidate.closed_hint, candidate.observation, candidate.verified)
+            look = self._look(candidate.path, *snapshot)
+            with self._cond:
+                verdict = self._decide(candidate, submits, look)
+            self._report(candidate.path, verdict)
+
+    def _wait_for_due(self) -> _Candidate | None:
+        """Under the lock: sleep until a candidate is due; None when stopping."""
+        while not self._stopping:
+            now = self._clock()
+            while self._heap:
+                deadline, token, path = self._heap[0]
+                candidate = self._candidates.get(path)
+                if candidate is None or candidate.heap_token != token:
+                    heapq.heappop(self._heap)  # stale: forgotten or rescheduled since
+                    continue
+                if deadline > now:
+                    break
+                heapq.heappop(self._heap)
+                candidate.heap_token = -1
+                return candidate
+            timeout = self._heap[0][0] - now if self._heap else None
+            self._cond.wait(timeout)
+        return None
+
+    def _look(
+        self,
+        path: Path,
+        closed_hint: bool,
+        previous: _Observation | None,
+        verified: tuple[_Observation, str | None] | None,
+    ) -> _Look:
+        """Without the lock: lstat, and the image check when its verdict could matter."""
+        try:
+            # lstat: a symlink is not followed, so nothing outside the watch root is read.
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return _Look(vanished=True)
+        except OSError as exc:
+            return _Look(unreadable_reason=f"unreadable: {exc.strerror}")
+        if stat.S_ISLNK(st.st_mode):
+            return _Look(st=st, not_regular_reason="symbolic link (not followed)")
+        if not stat.S_ISREG(st.st_mode):
+            # Never opened: reading a FIFO would block or steal a writer's data.
+            return _Look(st=st, not_regular_reason="not a regular file")
+        observation = _observation_of(st)
+        worth_checking = closed_hint or observation == previous
+        already_checked = verified is not None and verified[0] == observation
+        if not self._verify_image or not worth_checking or already_checked:
+            return _Look(st=st)
+        reason = check_image_complete(path)
+        try:
+            st_after = os.lstat(path)
+        except FileNotFoundError:
+            return _Look(vanished=True)
+        except OSError as exc:
+            return _Look(unreadable_reason=f"unreadable: {exc.strerror}")
+        if _observation_of(st_after) != observation:
+            # Written to while we read head and tail: the verdict belongs to no real state.
+            return _Look(st=st_after)
+        return _Look(st=st, verified=(observation, reason))
+
+    def _decide(self, candidate: _Candidate, submits: int, look: _Look) -> _Verdict:
+        """Under the lock: fold a look into the candidate; say what to report, if anything."""
+        path = candidate.path
+        if self._candidates.get(path) is not candidate or candidate.submits != submits:
+            # Forgotten, or a new event came while we looked; that submit set its own deadline.
+            return _Verdict()
+        now = self._clock()
+        if look.vanished:
+            del self._candidates[path]
+            log.debug("settle_vanished", path=str(path))
+            return _Verdict()
+        if look.verified is not None:
+            candidate.verified = look.verified
+        st = look.st
+        observation = _UNREADABLE if st is None else _observation_of(st)
+        if candidate.reported is not None:
+            if observation == candidate.reported:
+                return _Verdict()  # still the state we reported; stay parked
+            # Changed since we gave up on it: a fresh start, with a fresh max_wait window.
+            candidate.reported = None
+            candidate.pending_since = now
+        if st is None:
+            # Unreadable (permissions, I/O error): keep trying until max_wait says otherwise.
+            return self._not_ready(candidate, now, observation, look.unreadable_reason or "")
+        if look.not_regular_reason is not None:
+            candidate.reported = observation
+            return _Verdict(incomplete_reason=look.not_regular_reason)
+        if observation != candidate.observation:
+            candidate.observation = observation
+            candidate.observed_since = now
+        stable_seconds = now - candidate.observed_since
+        image_reason = self._image_reason(candidate, observation)
+        if image_reason is None and self._settled(candidate, stable_seconds):
+            del self._candidates[path]
+            return _Verdict(ready_stat=st)
+        if image_reason is not None and stable_seconds >= self._settle_seconds:
+            reason = image_reason
+        else:
+            reason = f"still changing after {self._max_wait_seconds:g} s"
+        return self._not_ready(candidate, now, observation, reason)
+
+    def _image_reason(self, candidate: _Candidate, observation: _Observation) -> str | None:
+        """Why the image is not complete (None when it is, or when not checking images)."""
+        if not self._verify_image:
+            return None
+        if candidate.verified is None or candidate.verified[0] != observation:
+            return "image not checked yet"
+        return candidate.verified[1]
+
+    def _settled(self, candidate: _Candidate, stable_seconds: float) -> bool:
+        if stable_seconds >= self._settle_seconds:
+            return True
+        if not candidate.closed_hint:
+            return False
+        # The image check (done with size and mtime equal before and after) stands in for
+        # waiting; without it, the file must hold still for the grace after the close.
+        return self._verify_image or stable_seconds >= CLOSE_GRACE_SECONDS
+
+    def _not_ready(
+        self,
+        candidate: _Candidate,
+        now: float,
+        observation: _Observation,
+        reason: str,
+    ) -> _Verdict:
+        give_up_at = candidate.pending_since + self._max_wait_seconds
+        if now >= give_up_at:
+            # Parked on this state: a new look at the same size and mtime stays quiet.
+            candidate.reported = observation
+            return _Verdict(incomplete_reason=reason)
+        wait_seconds = self._settle_seconds
+        if candidate.closed_hint and not self._verify_image:
+            wait_seconds = CLOSE_GRACE_SECONDS
+        next_look = now + wait_seconds
+        if observation != _UNREADABLE and candidate.observed_since + wait_seconds > now:
+            next_look = candidate.observed_since + wait_seconds
+        self._schedule(candidate, min(next_look, give_up_at))
+        return _Verdict()
+
+    def _schedule(self, candidate: _Candidate, deadline: float) -> None:
+        """Under the lock: (re)set the candidate's next look; a busy writer cannot push it past
+        the end of its max_wait window."""
+        if not candidate.parked:
+            deadline = min(deadline, candidate.pending_since + self._max_wait_seconds)
+        token = next(self._tokens)
+        candidate.heap_token = token
+        heapq.heappush(self._heap, (deadline, token, candidate.path))
+        self._cond.notify()
+
+    def _report(self, path: Path, verdict: _Verdict) -> None:
+        try:
+            if verdict.ready_stat is not None:
+                log.debug("settle_ready", path=str(path), size_bytes=verdict.ready_stat.st_size)
+                self._on_ready(path, verdict.ready_stat)
+            elif verdict.incomplete_reason is not None:
+                log.info("settle_incomplete", path=str(path), reason=verdict.incomplete_reason)
+                self._on_incomplete(path, verdict.incomplete_reason)
+        except Exception:
+            # A failing consumer must not stop the settling of every other file.
+            log.exception("settle_callback_failed", path=str(path))
