@@ -40,7 +40,7 @@ class UploadError(WatcherError):
 
 
 class RetryableUploadError(UploadError):
-    """Transient: the same request may succeed later. `retry_after_seconds` comes from the server."""
+    """Transient: the same request may succeed later; `retry_after_seconds` is the server's hint."""
 
     def __init__(
         self,

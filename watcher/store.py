@@ -291,13 +291,24 @@ class StateStore:
             for row in rows
         }
 
-    def owner_of_reference(self, dataset_id: str, reference_id: str) -> tuple[str, str] | None:
+    def known_file(self, watch: str, relpath: str) -> KnownFile | None:
+        rows = self._query(
+            "SELECT size_bytes, mtime_ns, content_sha256, metadata_sha256, state"
+            " FROM files WHERE watch = ? AND relpath = ?",
+            (watch, relpath),
+        )
+        return KnownFile(*rows[0]) if rows else None
+
+    def other_owner_of_reference(
+        self, dataset_id: str, reference_id: str, watch: str, relpath: str
+    ) -> Path | None:
+        """Another live file that already sends `reference_id` to this dataset, if any."""
         rows = self._query(
             "SELECT watch, relpath FROM files WHERE dataset_id = ? AND reference_id = ?"
-            " AND state != ? LIMIT 1",
-            (dataset_id, reference_id, GONE),
+            " AND state != ? AND NOT (watch = ? AND relpath = ?) LIMIT 1",
+            (dataset_id, reference_id, GONE, watch, relpath),
         )
-        return (rows[0]["watch"], rows[0]["relpath"]) if rows else None
+        return Path(rows[0]["watch"]) / rows[0]["relpath"] if rows else None
 
     def counts(self) -> dict[str, dict[str, int]]:
         """watch -> state -> count."""
@@ -350,6 +361,23 @@ class StateStore:
             (since,),
         )
         return int(rows[0]["n"]), int(rows[0]["b"])
+
+    def unfinished_count(self, max_attempts: int) -> int:
+        """Items in flight, plus pending ones that have had fewer than `max_attempts` tries."""
+        rows = self._query(
+            "SELECT count(*) AS n FROM files WHERE state = ? OR (state = ? AND attempts < ?)",
+            (IN_FLIGHT, PENDING, max_attempts),
+        )
+        return int(rows[0]["n"])
+
+    def uploaded_oldest_first(self, watch: str, limit: int = 100) -> list[FileRecord]:
+        """Confirmed files still on disk, oldest first: what a full disk may give up first."""
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM files WHERE watch = ? AND state = ?"
+            " ORDER BY mtime_ns ASC, id ASC LIMIT ?",
+            (watch, UPLOADED, limit),
+        )
+        return [_record(row) for row in rows]
 
     def jobs_in_flight(self) -> dict[str, list[int]]:
         """job_id -> ids of the files it carries, for jobs submitted but not yet finished."""

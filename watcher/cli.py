@@ -1,0 +1,124 @@
+"""The `nucleus-watcher` command: parse arguments, run one command, turn errors into one line.
+
+Exit codes: 0 ok, 1 failures, 2 usage or config error. A user mistake never prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from watcher import __version__
+from watcher.errors import ConfigError, WatcherError
+
+EXIT_OK = 0
+EXIT_FAILURES = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nucleus-watcher",
+        description="Watch folders and feed finished images into Scale Nucleus datasets.",
+    )
+    parser.add_argument("--version", action="version", version=f"nucleus-watcher {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument(
+            "-c", "--config", required=True, type=Path, help="the TOML config file"
+        )
+        return command
+
+    with_config("run", "the daemon: watch, settle, upload (foreground; systemd runs this)")
+    with_config("scan", "one pass: reconcile every watch, upload what is pending, wait for jobs")
+    status = with_config("status", "counts per state and watch, backlog age, last errors")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    explain = with_config("explain", "dataset, reference_id, metadata and state for one path")
+    explain.add_argument("path", type=Path)
+    check = with_config("check", "validate the config; --online also checks key and datasets")
+    check.add_argument("--online", action="store_true")
+    retry = with_config("retry", "re-queue failed items (all, or those at PATH...)")
+    retry.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+
+    devserver = commands.add_parser(
+        "devserver", help="a local Nucleus-compatible endpoint for trying things out"
+    )
+    devserver.add_argument("--host", default="127.0.0.1")
+    devserver.add_argument("--port", type=int, default=0)
+    devserver.add_argument("--data", type=Path, default=None, help="keep what it receives here")
+    devserver.add_argument("--api-key", default=None, help="accept only this key")
+    devserver.add_argument("--job-delay", type=float, default=0.0, metavar="SECONDS")
+    devserver.add_argument(
+        "--dataset", action="append", default=[], help="the only dataset ids that exist"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except WatcherError as exc:
+        print(f"nucleus-watcher: {exc}", file=sys.stderr)
+        return EXIT_FAILURES
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "devserver":
+        from watcher.devserver import serve_forever_cli
+
+        return serve_forever_cli(
+            args.host, args.port, args.data, args.api_key, args.job_delay, args.dataset
+        )
+
+    from watcher.config import load_settings, resolve_api_key
+    from watcher.logs import configure_logging
+
+    settings = load_settings(args.config)
+    if args.command in ("run", "scan") or (args.command == "check" and args.online):
+        api_key = resolve_api_key(settings.nucleus)
+        secrets = [api_key]
+    else:
+        api_key, secrets = "", []
+    configure_logging(format=settings.log.format, level=settings.log.level, secrets=secrets)
+
+    if args.command == "scan":
+        from watcher.scan import run_scan
+
+        return run_scan(settings, api_key)
+    if args.command == "run":
+        from watcher.daemon import run_daemon
+
+        return run_daemon(args.config, settings, api_key)
+    if args.command == "check":
+        from watcher.commands import check
+
+        return check(settings, api_key if args.online else None)
+    if args.command == "explain":
+        from watcher.commands import explain
+
+        return explain(settings, args.path)
+    if args.command == "retry":
+        from watcher.commands import retry
+
+        return retry(settings, args.paths)
+    if args.command == "status":
+        from watcher.status import print_status
+
+        return print_status(settings, as_json=args.json)
+    raise AssertionError(args.command)
+
+
+def print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))

@@ -1,0 +1,100 @@
+"""The small commands: `check`, `explain`, `retry`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from watcher import pipeline
+from watcher.config import Settings
+from watcher.errors import UploadError, WatcherError
+from watcher.reconcile import WatchPlan, file_sha256, relpath_of
+from watcher.rules import PathRuleError
+from watcher.store import StateStore
+
+
+def check(settings: Settings, api_key: str | None) -> int:
+    """The config loaded (or we would not be here); online, ask the server about each dataset."""
+    plans = pipeline.watch_plans(settings)
+    print(f"config ok: {len(plans)} watch(es)")
+    for plan in plans:
+        where = "exists" if plan.root.is_dir() else "missing (will be watched for)"
+        print(f"  {plan.key} -> {plan.dataset_id} ({where})")
+    if api_key is None:
+        return 0
+    client = pipeline.nucleus_client(settings, api_key)
+    failures = 0
+    try:
+        for dataset_id in sorted({plan.dataset_id for plan in plans}):
+            try:
+                info = client.dataset_info(dataset_id)
+            except UploadError as exc:
+                failures += 1
+                print(f"  {dataset_id}: {exc.reason}", file=sys.stderr)
+            else:
+                print(
+                    f"  {dataset_id}: ok ({info.get('name', '?')}, {info.get('length', '?')} items)"
+                )
+    finally:
+        client.close()
+    return 1 if failures else 0
+
+
+def _plan_for(plans: Sequence[WatchPlan], path: Path) -> tuple[WatchPlan, str]:
+    absolute = path.absolute()
+    for plan in plans:
+        relpath = relpath_of(plan.root, absolute)
+        if relpath is not None:
+            return plan, relpath
+    raise WatcherError(f"{path}: not inside any watch folder")
+
+
+def explain(settings: Settings, path: Path) -> int:
+    plan, relpath = _plan_for(pipeline.watch_plans(settings), path)
+    print(f"watch:        {plan.key}")
+    print(f"relpath:      {relpath}")
+    print(f"dataset_id:   {plan.dataset_id}")
+    if not plan.path_filter.accepts(relpath):
+        print("included:     no (excluded by include/exclude)")
+        return 1
+    mtime_ns = path.stat().st_mtime_ns if path.exists() else 0
+    try:
+        result = plan.rules.classify(relpath, mtime_ns=mtime_ns, sha256=lambda: file_sha256(path))
+    except PathRuleError as exc:
+        print(f"rules:        refused: {exc}")
+        return 1
+    print(f"reference_id: {result.reference_id}")
+    print(f"metadata:     {json.dumps(result.metadata, sort_keys=True, ensure_ascii=False)}")
+    if result.remote_url:
+        print(f"remote_url:   {result.remote_url}")
+    record = None
+    state_path = Path(settings.state.path)
+    if state_path.exists():
+        store = StateStore.open_read_only(state_path)
+        try:
+            record = store.get(plan.key, relpath)
+        finally:
+            store.close()
+    if record is None:
+        print("state:        not recorded yet")
+    else:
+        print(f"state:        {record.state} (attempts {record.attempts})")
+        if record.last_error:
+            print(f"last error:   {record.last_error}")
+        if record.metadata_sha256 and record.metadata_sha256 != result.metadata_sha256:
+            print(
+                "note:         rules changed since it was recorded; it will be re-sent as an update"
+            )
+    return 0
+
+
+def retry(settings: Settings, paths: Sequence[Path]) -> int:
+    store = pipeline.open_store(settings)
+    try:
+        count = store.requeue_failed(paths)
+    finally:
+        store.close()
+    print(f"re-queued {count} item(s)")
+    return 0 if count or not paths else 1

@@ -1,0 +1,329 @@
+"""`nucleus-watcher run`: the always-on service. The only place that wires the live pipeline.
+
+    intake (watchdog) --candidate--> settler --ready--> reconciler.consider --> store --> uploader
+    reconcile walk (start, every scan.interval_seconds, after overflow/restart) ----^
+
+The main thread owns the control loop: signals, reconcile walks, observer supervision, and the
+systemd watchdog. Stages talk through callbacks and the store, never by importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from watcher import pipeline
+from watcher.config import Settings, load_settings, resolve_api_key
+from watcher.errors import ConfigError
+from watcher.intake import Intake, WatchSpec
+from watcher.logs import add_secret
+from watcher.nucleus_client import NucleusClient
+from watcher.reconcile import Reconciler, WatchPlan, relpath_of
+from watcher.sdnotify import SystemdNotifier
+from watcher.settle import Settler
+from watcher.store import FileRecord, StateStore
+from watcher.uploader import Uploader, UploadEvents
+
+log = structlog.get_logger("watcher.daemon")
+
+_TICK_SECONDS = 1.0
+_SUPERVISE_EVERY_SECONDS = 2.0
+
+
+class _DaemonEvents(UploadEvents):
+    """Upload outcomes the daemon cares about: progress for the systemd watchdog."""
+
+    def __init__(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def confirmed(self, records: Sequence[FileRecord]) -> None:
+        self.last_progress = time.monotonic()
+
+
+class Daemon:
+    def __init__(self, config_path: Path, settings: Settings, api_key: str) -> None:
+        self._config_path = config_path
+        self._settings = settings
+        self._api_key = api_key
+        self._wakeup = threading.Event()
+        self._stop_requested = False
+        self._reload_requested = False
+        self._rescan_lock = threading.Lock()
+        self._rescan_keys: set[str | None] = set()
+        self._notifier = SystemdNotifier()
+        self._events = _DaemonEvents()
+        self._plans: list[WatchPlan] = pipeline.watch_plans(settings)
+        self._store: StateStore | None = None
+        self._uploader: Uploader | None = None
+        self._reconciler: Reconciler | None = None
+        self._settler: Settler | None = None
+        self._intake: Intake | None = None
+        self._key_file_mtime_ns = self._key_file_mtime()
+
+    # -- callbacks from other threads: hand on, never block ---------------------------------
+
+    def _on_candidate(self, key: str, path: Path, closed: bool) -> None:
+        assert self._settler is not None
+        self._settler.submit(path, closed=closed)
+
+    def _on_deleted(self, key: str, path: Path) -> None:
+        assert self._settler is not None and self._store is not None
+        self._settler.forget(path)
+        plan = self._plan_for(path)
+        relpath = relpath_of(plan.root, path) if plan else None
+        if plan is not None and relpath is not None and self._store.mark_gone(plan.key, relpath):
+            log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
+
+    def _on_rescan_needed(self, key: str | None, reason: str) -> None:
+        log.info("rescan_requested", watch=key, reason=reason)
+        with self._rescan_lock:
+            self._rescan_keys.add(key)
+        self._wakeup.set()
+
+    def _on_settled(self, path: Path, _stat: os.stat_result) -> None:
+        plan = self._plan_for(path)
+        if plan is not None and self._reconciler is not None:
+            self._reconciler.consider(plan, path, settled=True)
+
+    def _on_incomplete(self, path: Path, reason: str) -> None:
+        plan = self._plan_for(path)
+        if plan is None or self._store is None:
+            return
+        relpath = relpath_of(plan.root, path)
+        if relpath is None:
+            return
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
+        self._store.record_problem(
+            watch=plan.key,
+            relpath=relpath,
+            dataset_id=plan.dataset_id,
+            size_bytes=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            state="incomplete",
+            reason=reason,
+        )
+
+    def _on_unsettled(self, plan: WatchPlan, path: Path) -> None:
+        assert self._settler is not None
+        self._settler.submit(path)
+
+    def _on_queued(self) -> None:
+        if self._uploader is not None:
+            self._uploader.wake()
+
+    def _plan_for(self, path: Path) -> WatchPlan | None:
+        best: WatchPlan | None = None
+        for plan in self._plans:
+            if relpath_of(plan.root, path) is not None and (
+                best is None or len(plan.key) > len(best.key)
+            ):
+                best = plan
+        return best
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _handle_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self._stop_requested = True
+        self._wakeup.set()
+
+    def _handle_reload(self, signum: int, _frame: FrameType | None) -> None:
+        self._reload_requested = True
+        self._wakeup.set()
+
+    # -- the control loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        settings = self._settings
+        signal.signal(signal.SIGTERM, self._handle_stop)
+        signal.signal(signal.SIGINT, self._handle_stop)
+        signal.signal(signal.SIGHUP, self._handle_reload)
+
+        self._store = pipeline.open_store(settings)
+        released = self._store.release_in_flight()
+        if released:
+            log.info("resending_interrupted", items=released)
+        client = pipeline.nucleus_client(settings, self._api_key)
+        self._uploader = pipeline.uploader(settings, self._store, client, self._events)
+        self._reconciler = pipeline.reconciler(
+            settings, self._store, on_unsettled=self._on_unsettled, on_queued=self._on_queued
+        )
+        self._settler = Settler(
+            settle_seconds=settings.settle.seconds,
+            max_wait_seconds=settings.settle.max_wait_seconds,
+            verify_image=settings.settle.verify_image,
+            on_ready=self._on_settled,
+            on_incomplete=self._on_incomplete,
+        )
+        self._intake = Intake(
+            on_candidate=self._on_candidate,
+            on_deleted=self._on_deleted,
+            on_rescan_needed=self._on_rescan_needed,
+        )
+        try:
+            self._uploader.start()
+            self._settler.start()
+            self._intake.start(self._watch_specs())
+            log.info(
+                "daemon_started",
+                watches=[plan.key for plan in self._plans],
+                state=str(settings.state.path),
+            )
+            # Files added while we were down: the first walk runs before READY so that a
+            # `systemctl start` returns once everything on disk is known.
+            self._reconcile(None)
+            self._notifier.ready(self._status_line())
+            self._loop()
+        finally:
+            self._shutdown(client)
+        return 0
+
+    def _loop(self) -> None:
+        settings = self._settings
+        next_scan = time.monotonic() + settings.scan.interval_seconds
+        next_supervise = time.monotonic() + _SUPERVISE_EVERY_SECONDS
+        while not self._stop_requested:
+            self._wakeup.wait(_TICK_SECONDS)
+            self._wakeup.clear()
+            if self._stop_requested:
+                break
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+            now = time.monotonic()
+            if now >= next_scan:
+                next_scan = now + self._settings.scan.interval_seconds
+                self._on_rescan_needed(None, "periodic")
+            with self._rescan_lock:
+                keys, self._rescan_keys = self._rescan_keys, set()
+            if keys:
+                self._reconcile(None if None in keys else keys)
+            if now >= next_supervise:
+                next_supervise = now + _SUPERVISE_EVERY_SECONDS
+                assert self._intake is not None
+                self._intake.supervise()
+                self._check_key_file()
+            if self._healthy():
+                self._notifier.watchdog()
+            self._notifier.status(self._status_line())
+
+    def _reconcile(self, keys: set[str | None] | None) -> None:
+        assert self._reconciler is not None
+        plans = self._plans if keys is None else [p for p in self._plans if p.key in keys]
+        self._reconciler.reconcile(plans)
+        assert self._uploader is not None
+        self._uploader.wake()
+
+    def _watch_specs(self) -> list[WatchSpec]:
+        return [
+            WatchSpec(
+                key=plan.key,
+                root=plan.root,
+                recursive=plan.recursive,
+                path_filter=plan.path_filter,
+                polling=plan.polling,
+            )
+            for plan in self._plans
+        ]
+
+    def _reload(self) -> None:
+        self._notifier.reloading()
+        try:
+            settings = load_settings(self._config_path)
+            plans = pipeline.watch_plans(settings)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload_refused", problem=problem)
+            self._notifier.ready(self._status_line())
+            return
+        if settings.upload != self._settings.upload or settings.nucleus != self._settings.nucleus:
+            log.warning("reload_partial", hint="[upload] and [nucleus] changes need a restart")
+        self._settings = settings.model_copy(
+            update={"upload": self._settings.upload, "nucleus": self._settings.nucleus}
+        )
+        self._plans = plans
+        assert self._intake is not None and self._uploader is not None
+        self._intake.reconfigure(self._watch_specs())
+        self._reload_api_key()
+        self._uploader.resume()
+        log.info("config_reloaded", watches=[plan.key for plan in plans])
+        self._on_rescan_needed(None, "config reloaded")
+        self._notifier.ready(self._status_line())
+
+    def _key_file_mtime(self) -> int | None:
+        key_file = self._settings.nucleus.api_key_file
+        if not key_file:
+            return None
+        try:
+            return Path(key_file).stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def _check_key_file(self) -> None:
+        """After a 401 every upload waits; a new key file lets them go again without a restart."""
+        assert self._uploader is not None
+        mtime_ns = self._key_file_mtime()
+        if mtime_ns == self._key_file_mtime_ns:
+            return
+        self._key_file_mtime_ns = mtime_ns
+        if self._uploader.paused_reason is not None:
+            log.info("api_key_file_changed")
+            self._reload_api_key()
+            self._uploader.resume()
+
+    def _reload_api_key(self) -> None:
+        try:
+            api_key = resolve_api_key(self._settings.nucleus)
+        except ConfigError as exc:
+            log.error("api_key_unavailable", problem=exc.problems[0])
+            return
+        if api_key != self._api_key:
+            add_secret(api_key)
+            self._api_key = api_key
+            assert self._uploader is not None
+            self._uploader.replace_client(pipeline.nucleus_client(self._settings, api_key))
+
+    def _healthy(self) -> bool:
+        """systemd restarts us when this stays False past WatchdogSec: only say so when a
+        restart would help (a stage's thread died), not when the network is down."""
+        assert self._settler is not None and self._uploader is not None
+        return self._settler.is_alive() and self._uploader.is_alive()
+
+    def _status_line(self) -> str:
+        if self._store is None:
+            return "starting"
+        counts = self._store.state_counts()
+        paused = self._uploader.paused_reason if self._uploader else None
+        text = (
+            f"{counts['pending']} pending, {counts['in_flight']} in flight,"
+            f" {counts['uploaded']} uploaded, {counts['failed']} failed"
+        )
+        return f"{text}; PAUSED: {paused}" if paused else text
+
+    def _shutdown(self, client: NucleusClient) -> None:
+        self._notifier.stopping()
+        log.info("daemon_stopping")
+        if self._intake is not None:
+            self._intake.stop()
+        if self._settler is not None:
+            self._settler.stop()
+        if self._uploader is not None:
+            self._uploader.stop(self._settings.upload.stop_timeout_seconds)
+        client.close()
+        if self._store is not None:
+            self._store.close()
+        log.info("daemon_stopped")
+
+
+def run_daemon(config_path: Path, settings: Settings, api_key: str) -> int:
+    return Daemon(config_path, settings, api_key).run()

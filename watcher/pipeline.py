@@ -1,0 +1,87 @@
+"""Builds the pipeline's parts from the settings, each given only its own part of them.
+
+`scan` and `run` share this so the two commands cannot drift apart in how they upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from watcher.bandwidth import TokenBucket
+from watcher.config import Settings, compile_rules
+from watcher.nucleus_client import NucleusClient
+from watcher.pathfilter import PathFilter
+from watcher.reconcile import Reconciler, WatchPlan
+from watcher.store import StateStore
+from watcher.uploader import Uploader, UploadEvents, UploadPolicy
+
+
+def watch_plans(settings: Settings) -> list[WatchPlan]:
+    rule_sets = compile_rules(settings)
+    return [
+        WatchPlan(
+            key=str(Path(watch.path)),
+            root=Path(watch.path),
+            dataset_id=watch.dataset_id,
+            recursive=watch.recursive,
+            path_filter=PathFilter(watch.include, watch.exclude),
+            rules=rules,
+            polling=settings.scan.polling,
+        )
+        for watch, rules in zip(settings.watch, rule_sets, strict=True)
+    ]
+
+
+def upload_policy(settings: Settings) -> UploadPolicy:
+    upload = settings.upload
+    return UploadPolicy(
+        concurrency=upload.concurrency,
+        max_files_per_request=upload.max_files_per_request,
+        retry_initial_seconds=upload.retry_initial_seconds,
+        retry_max_seconds=upload.retry_max_seconds,
+        on_conflict=upload.on_conflict,
+        newest_first=upload.order == "newest-first",
+        asynchronous=settings.nucleus.asynchronous,
+        job_poll_seconds=settings.nucleus.job_poll_seconds,
+    )
+
+
+def nucleus_client(settings: Settings, api_key: str) -> NucleusClient:
+    nucleus = settings.nucleus
+    rate = settings.upload.bandwidth_limit_bytes_per_second
+    return NucleusClient(
+        nucleus.endpoint,
+        api_key,
+        timeout_seconds=nucleus.timeout_seconds,
+        ca_bundle=nucleus.ca_bundle or None,
+        bandwidth=TokenBucket(rate) if rate else None,
+        pool_size=max(10, settings.upload.concurrency),
+    )
+
+
+def open_store(settings: Settings) -> StateStore:
+    return StateStore.open(Path(settings.state.path))
+
+
+def reconciler(
+    settings: Settings,
+    store: StateStore,
+    *,
+    on_unsettled: Callable[[WatchPlan, Path], None] | None = None,
+    on_queued: Callable[[], None] | None = None,
+) -> Reconciler:
+    return Reconciler(
+        store,
+        verify_image=settings.settle.verify_image,
+        settle_seconds=settings.settle.seconds,
+        max_file_bytes=settings.upload.max_file_bytes,
+        on_unsettled=on_unsettled,
+        on_queued=on_queued,
+    )
+
+
+def uploader(
+    settings: Settings, store: StateStore, client: NucleusClient, events: UploadEvents | None
+) -> Uploader:
+    return Uploader(store, client, upload_policy(settings), events=events)

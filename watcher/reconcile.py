@@ -1,0 +1,345 @@
+"""From a file on disk to a row in the queue: the reconcile walk and the per-file decision.
+
+Both the live path (a file the settler found finished) and the walk (start-up, timer, after an
+overflow, `scan`) end in `Reconciler.consider`, so there is one definition of "must this be sent".
+The walk is cheap on purpose: one stat per file and one dict lookup against the store's record;
+a file is hashed only when its size or mtime differ from what was recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from watcher.imagecheck import check_image_complete, sniff_image_type
+from watcher.pathfilter import PathFilter
+from watcher.rules import PathRuleError, RuleSet
+from watcher.store import FAILED, GONE, INCOMPLETE, Candidate, KnownFile, StateStore
+
+log = structlog.get_logger("watcher.reconcile")
+
+_HEAD_BYTES = 64
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """One `[[watch]]`, compiled: what the reconcile and the live intake need of it."""
+
+    key: str  # the watch root as a string: stable when the config's order changes
+    root: Path
+    dataset_id: str
+    recursive: bool
+    path_filter: PathFilter
+    rules: RuleSet
+    polling: bool = False
+
+
+@dataclass
+class ReconcileReport:
+    files_seen: int = 0
+    queued_new: int = 0
+    queued_changed: int = 0
+    unchanged: int = 0
+    problems: int = 0
+    unsettled: int = 0
+    gone: int = 0
+    seconds: float = 0.0
+    missing_roots: list[str] = field(default_factory=list)
+
+    def add(self, outcome: str) -> None:
+        if outcome == "new":
+            self.queued_new += 1
+        elif outcome in ("changed", "deferred"):
+            self.queued_changed += 1
+        elif outcome == "unchanged":
+            self.unchanged += 1
+        elif outcome == "unsettled":
+            self.unsettled += 1
+        else:
+            self.problems += 1
+
+
+def relpath_of(root: Path, path: Path) -> str | None:
+    """`path` relative to `root` with "/" separators, or None if it is not inside `root`."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Reconciler:
+    """Decides, per file, whether it goes into the queue; walks watch roots to find files."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        verify_image: bool,
+        settle_seconds: float,
+        max_file_bytes: int,
+        on_unsettled: Callable[[WatchPlan, Path], None] | None = None,
+        on_queued: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._verify_image = verify_image
+        self._settle_seconds = settle_seconds
+        self._max_file_bytes = max_file_bytes
+        self._on_unsettled = on_unsettled
+        self._on_queued = on_queued
+        self._clock = clock
+
+    # -- the walk --------------------------------------------------------------------------
+
+    def reconcile(self, plans: Sequence[WatchPlan]) -> ReconcileReport:
+        report = ReconcileReport()
+        started = time.monotonic()
+        for plan in plans:
+            if not plan.root.is_dir():
+                report.missing_roots.append(plan.key)
+                log.warning("watch_folder_missing", watch=plan.key)
+                continue
+            known = self._store.known_files(plan.key)
+            present: set[str] = set()
+            for path, relpath, st in self._walk(plan):
+                present.add(relpath)
+                report.files_seen += 1
+                report.add(self._consider(plan, path, relpath, st, known.get(relpath), False))
+            report.gone += self._store.mark_missing_gone(plan.key, present)
+        report.seconds = time.monotonic() - started
+        log.info(
+            "reconcile_done",
+            files_seen=report.files_seen,
+            queued_new=report.queued_new,
+            queued_changed=report.queued_changed,
+            unchanged=report.unchanged,
+            problems=report.problems,
+            unsettled=report.unsettled,
+            gone=report.gone,
+            seconds=round(report.seconds, 3),
+        )
+        return report
+
+    def _walk(self, plan: WatchPlan) -> Iterator[tuple[Path, str, os.stat_result]]:
+        """Regular files under the root that pass the filter; symlinks only if they stay inside."""
+        root = plan.root
+        resolved_root = root.resolve()
+        stack = [(root, "")]
+        while stack:
+            folder, rel_folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError as exc:
+                log.warning("folder_unreadable", path=str(folder), error=exc.strerror)
+                continue
+            for entry in entries:
+                relpath = f"{rel_folder}{entry.name}"
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if plan.recursive and plan.path_filter.accepts_dir(relpath):
+                            stack.append((Path(entry.path), relpath + "/"))
+                        continue
+                    if not plan.path_filter.accepts(relpath):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        target = Path(entry.path).resolve()
+                        if relpath_of(resolved_root, target) is None or not target.is_file():
+                            log.info("symlink_skipped", path=entry.path, target=str(target))
+                            continue
+                        st = target.stat()
+                except OSError as exc:
+                    log.warning("file_unreadable", path=entry.path, error=exc.strerror)
+                    continue
+                yield Path(entry.path), relpath, st
+
+    # -- one file --------------------------------------------------------------------------
+
+    def consider(self, plan: WatchPlan, path: Path, *, settled: bool) -> str:
+        """A single file (from the settler, or `explain`): record it and say what happened."""
+        relpath = relpath_of(plan.root, path)
+        if relpath is None or not plan.path_filter.accepts(relpath):
+            return "excluded"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            if self._store.mark_gone(plan.key, relpath):
+                log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
+            return "gone"
+        except OSError as exc:
+            return self._problem(plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}")
+        known = self._store.known_file(plan.key, relpath)
+        return self._consider(plan, path, relpath, st, known, settled)
+
+    def _consider(
+        self,
+        plan: WatchPlan,
+        path: Path,
+        relpath: str,
+        st: os.stat_result,
+        known: KnownFile | None,
+        settled: bool,
+    ) -> str:
+        if not stat.S_ISREG(st.st_mode):
+            return self._problem(plan, path, relpath, st, FAILED, "not a regular file")
+        unchanged_on_disk = (
+            known is not None
+            and known.state != GONE
+            and known.size_bytes == st.st_size
+            and known.mtime_ns == st.st_mtime_ns
+        )
+        if unchanged_on_disk and known is not None:
+            if known.state in (FAILED, INCOMPLETE) and known.metadata_sha256 == "":
+                return "unchanged"  # parked before classification; waits for a change or `retry`
+            # Same bytes as recorded: reuse the recorded hash, only the rules may have changed.
+            return self._classify_and_record(plan, path, relpath, st, known.content_sha256, known)
+        if not settled and self._clock() - st.st_mtime < self._settle_seconds:
+            if self._on_unsettled is not None:
+                self._on_unsettled(plan, path)
+            return "unsettled"
+        if st.st_size == 0:
+            return self._problem(plan, path, relpath, st, INCOMPLETE, "zero-byte file")
+        if st.st_size > self._max_file_bytes:
+            return self._problem(
+                plan,
+                path,
+                relpath,
+                st,
+                FAILED,
+                f"{st.st_size} bytes is over upload.max_file_bytes ({self._max_file_bytes})",
+            )
+        problem = self._content_problem(path)
+        if problem is not None:
+            return self._problem(plan, path, relpath, st, *problem)
+        try:
+            content_sha256 = file_sha256(path)
+        except FileNotFoundError:
+            return "gone"
+        except OSError as exc:
+            return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
+        return self._classify_and_record(plan, path, relpath, st, content_sha256, known)
+
+    def _content_problem(self, path: Path) -> tuple[str, str] | None:
+        """(state, reason) when the bytes cannot go as they are; None when they can."""
+        try:
+            with path.open("rb") as f:
+                head = f.read(_HEAD_BYTES)
+        except FileNotFoundError:
+            return None  # gone since the stat: the hash step notices
+        except OSError as exc:
+            return FAILED, f"unreadable: {exc.strerror}"
+        if sniff_image_type(head) is None:
+            return FAILED, "not an image (unknown file signature)"
+        if self._verify_image:
+            reason = check_image_complete(path)
+            if reason is not None:
+                return INCOMPLETE, reason
+        return None
+
+    def _classify_and_record(
+        self,
+        plan: WatchPlan,
+        path: Path,
+        relpath: str,
+        st: os.stat_result,
+        content_sha256: str | None,
+        known: KnownFile | None,
+    ) -> str:
+        if content_sha256 is None:
+            try:
+                content_sha256 = file_sha256(path)
+            except OSError as exc:
+                return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
+        digest = content_sha256
+        try:
+            classification = plan.rules.classify(
+                relpath, mtime_ns=st.st_mtime_ns, sha256=lambda: digest
+            )
+        except PathRuleError as exc:
+            return self._problem(plan, path, relpath, st, FAILED, f"path rules: {exc}")
+        if (
+            known is not None
+            and known.state != GONE
+            and known.size_bytes == st.st_size
+            and known.mtime_ns == st.st_mtime_ns
+            and known.metadata_sha256 == classification.metadata_sha256
+        ):
+            return "unchanged"  # the fast path: nothing to write
+        other = self._store.other_owner_of_reference(
+            plan.dataset_id, classification.reference_id, plan.key, relpath
+        )
+        if other is not None:
+            return self._problem(
+                plan,
+                path,
+                relpath,
+                st,
+                FAILED,
+                f"reference_id {classification.reference_id!r} is already used by {other}",
+            )
+        outcome = self._store.record_candidate(
+            Candidate(
+                watch=plan.key,
+                relpath=relpath,
+                dataset_id=plan.dataset_id,
+                reference_id=classification.reference_id,
+                size_bytes=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                content_sha256=content_sha256,
+                metadata=classification.metadata,
+                metadata_sha256=classification.metadata_sha256,
+                remote_url=classification.remote_url,
+            ),
+            now=self._clock(),
+        )
+        if outcome in ("new", "changed"):
+            log.info(
+                "file_queued",
+                path=str(path),
+                reference_id=classification.reference_id,
+                dataset_id=plan.dataset_id,
+                why=outcome,
+            )
+            if self._on_queued is not None:
+                self._on_queued()
+        return outcome
+
+    def _problem(
+        self,
+        plan: WatchPlan,
+        path: Path,
+        relpath: str,
+        st: os.stat_result | None,
+        state: str,
+        reason: str,
+    ) -> str:
+        log.warning(
+            "file_not_sendable",
+            path=str(path),
+            dataset_id=plan.dataset_id,
+            state=state,
+            reason=reason,
+        )
+        self._store.record_problem(
+            watch=plan.key,
+            relpath=relpath,
+            dataset_id=plan.dataset_id,
+            size_bytes=st.st_size if st is not None else -1,
+            mtime_ns=st.st_mtime_ns if st is not None else -1,
+            state=state,
+            reason=reason,
+            now=self._clock(),
+        )
+        return state

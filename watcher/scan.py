@@ -1,0 +1,136 @@
+"""`nucleus-watcher scan`: one pass. Reconcile every watch, upload what is pending, wait for
+jobs, print a summary; exit 0 when everything is confirmed, 1 when some items are not."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import structlog
+
+from watcher import pipeline
+from watcher.config import Settings
+from watcher.reconcile import WatchPlan
+from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
+from watcher.uploader import UploadEvents
+
+log = structlog.get_logger("watcher.scan")
+
+# A scan is a one-shot command: after this many tries a transient failure is reported (the item
+# stays pending for the next scan or the daemon) instead of holding the command forever.
+SCAN_MAX_ATTEMPTS = 5
+
+
+@dataclass
+class ScanTally:
+    new: int = 0
+    updated: int = 0
+    bytes_sent: int = 0
+    requests: int = 0
+
+
+class ScanProgress(UploadEvents):
+    """Counts for the summary, and a one-line progress bar when stderr is a terminal."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.tally = ScanTally()
+        self._total = total
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+
+    def confirmed(self, records: Sequence[FileRecord]) -> None:
+        with self._lock:
+            for record in records:
+                if record.update_flag:
+                    self.tally.updated += 1
+                else:
+                    self.tally.new += 1
+            self._draw()
+
+    def request_done(self, seconds: float, bytes_sent: int, ok: bool) -> None:
+        with self._lock:
+            self.tally.requests += 1
+            self.tally.bytes_sent += bytes_sent
+
+    def _draw(self) -> None:
+        if not self._tty or self._total == 0:
+            return
+        done = self.tally.new + self.tally.updated
+        width = 30
+        filled = int(width * min(done, self._total) / self._total)
+        rate = done / max(1e-6, time.monotonic() - self._started)
+        self._stream.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self._total} {rate:.0f} files/s"
+        )
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._tty and self._total:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
+    plans = pipeline.watch_plans(settings)
+    store = pipeline.open_store(settings)
+    client = pipeline.nucleus_client(settings, api_key)
+    started = time.monotonic()
+    try:
+        store.release_in_flight()
+        unsettled: list[tuple[WatchPlan, Path]] = []
+        reconciler = pipeline.reconciler(
+            settings, store, on_unsettled=lambda plan, path: unsettled.append((plan, path))
+        )
+        report = reconciler.reconcile(plans)
+        # Files still being written when the walk saw them: give them the settle window, then
+        # take them as they are (verify_image still refuses a half-written image).
+        for _ in range(int(settings.settle.max_wait_seconds / max(settings.settle.seconds, 0.1))):
+            if not unsettled:
+                break
+            time.sleep(settings.settle.seconds)
+            waiting, unsettled[:] = list(unsettled), []
+            for plan, path in waiting:
+                report.add(reconciler.consider(plan, path, settled=False))
+        pending_total = store.state_counts()[PENDING]
+        progress = ScanProgress(pending_total, sys.stderr)
+        uploader = pipeline.uploader(settings, store, client, progress)
+        uploader.start()
+        try:
+            drained = uploader.wait_until_drained(SCAN_MAX_ATTEMPTS)
+        finally:
+            uploader.stop(settings.upload.stop_timeout_seconds)
+            progress.finish()
+        seconds = time.monotonic() - started
+        counts = store.state_counts()
+        tally = progress.tally
+        sent = tally.new + tally.updated
+        out.write(
+            f"scan: {report.files_seen} files seen, {sent} uploaded"
+            f" ({tally.new} new, {tally.updated} updated), {report.unchanged} unchanged,"
+            f" {counts[FAILED]} failed, {counts[INCOMPLETE]} incomplete,"
+            f" {counts[PENDING]} still pending in {seconds:.1f} s"
+            f" ({sent / max(seconds, 1e-6):.1f} files/s,"
+            f" {tally.bytes_sent / 1e6 / max(seconds, 1e-6):.1f} MB/s, {tally.requests} requests)\n"
+        )
+        for missing in report.missing_roots:
+            out.write(f"  missing watch folder: {missing}\n")
+        problems = store.records_in_state(FAILED, limit=50) + store.records_in_state(
+            INCOMPLETE, limit=50
+        )
+        for record in problems:
+            out.write(f"  {record.state}: {record.path}: {record.last_error}\n")
+        if uploader.paused_reason is not None:
+            out.write(f"  uploads paused: {uploader.paused_reason}\n")
+        if not drained or counts[PENDING] or problems:
+            return 1
+        return 0
+    finally:
+        client.close()
+        store.close()
