@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.configfactory import API_KEY, run_watcher, write_config
 from tests.daemonprocess import DaemonProcess, wait_until
@@ -229,3 +231,33 @@ def test_deleted_file_stays_in_dataset_and_record_says_gone(
     assert "Sunny/x.jpg" in devserver.items(DATASET)
     explained = run_watcher("explain", "-c", str(config), str(root / "Sunny" / "x.jpg"))
     assert "state:        gone" in explained.stdout
+
+
+def test_metrics_endpoint_counts_what_the_daemon_did(
+    tmp_path: Path, devserver: DevServer, daemons: list[DaemonProcess]
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = tmp_path / "cam"
+    write_jpeg(root / "Sunny" / "a.jpg", seed=1)
+    old = time.time() - 60  # found settled by the start-up walk; only b.jpg goes through settle
+    os.utime(root / "Sunny" / "a.jpg", (old, old))
+    config = live_config(tmp_path, devserver, [root], metrics={"listen": f"127.0.0.1:{port}"})
+    daemon = start(daemons, config, tmp_path)
+    wait_stored(devserver, {"Sunny/a.jpg": root / "Sunny" / "a.jpg"})
+    write_jpeg(root / "Sunny" / "b.jpg", seed=2)
+    wait_stored(devserver, {"Sunny/b.jpg": root / "Sunny" / "b.jpg"})
+
+    def scrape() -> str:
+        return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+    assert wait_until(
+        lambda: 'nucleus_watcher_files_uploaded_total{dataset="ds_live"} 2.0' in scrape(), 10
+    ), scrape()
+    text = scrape()
+    assert 'nucleus_watcher_queue_depth{state="uploaded"} 2.0' in text
+    assert f'nucleus_watcher_files_settled_total{{watch="{root}"}} 1.0' in text
+    assert "nucleus_watcher_request_seconds_count 2.0" in text
+    assert "nucleus_watcher_bytes_sent_total" in text
+    assert daemon.stop() == 0

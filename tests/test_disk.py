@@ -299,7 +299,9 @@ class _Recorder(UploadEvents):
     def parked(self, records: Sequence[FileRecord], reason: str) -> None:
         self.calls.append(("parked", reason))
 
-    def retrying(self, records: Sequence[FileRecord], reason: str, delay_seconds: float) -> None:
+    def retrying(
+        self, records: Sequence[FileRecord], kind: str, reason: str, delay_seconds: float
+    ) -> None:
         self.calls.append(("retrying", delay_seconds))
 
     def request_done(self, seconds: float, bytes_sent: int, ok: bool) -> None:
@@ -321,7 +323,7 @@ def test_fan_out_reaches_every_consumer_even_past_a_broken_one(
     with structlog.testing.capture_logs() as logs:
         events.confirmed(confirmed)
         events.parked(confirmed, "HTTP 413")
-        events.retrying(confirmed, "HTTP 503", 2.5)
+        events.retrying(confirmed, "http_5xx", "HTTP 503", 2.5)
         events.request_done(0.1, 1234, True)
         events.job_finished("Completed")
 

@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -21,30 +20,26 @@ import structlog
 
 from watcher import pipeline
 from watcher.config import Settings, load_settings, resolve_api_key
+from watcher.disk import AfterUpload, FanOutEvents, FreeSpaceGuard
 from watcher.errors import ConfigError
 from watcher.intake import Intake, WatchSpec
 from watcher.logs import add_secret
+from watcher.metrics import Metrics, UploadMetrics
 from watcher.nucleus_client import NucleusClient
 from watcher.reconcile import Reconciler, WatchPlan, relpath_of
 from watcher.sdnotify import SystemdNotifier
 from watcher.settle import Settler
-from watcher.store import FileRecord, StateStore
-from watcher.uploader import Uploader, UploadEvents
+from watcher.store import INCOMPLETE, StateStore
+from watcher.uploader import Uploader
 
 log = structlog.get_logger("watcher.daemon")
 
 _TICK_SECONDS = 1.0
 _SUPERVISE_EVERY_SECONDS = 2.0
-
-
-class _DaemonEvents(UploadEvents):
-    """Upload outcomes the daemon cares about: progress for the systemd watchdog."""
-
-    def __init__(self) -> None:
-        self.last_progress = time.monotonic()
-
-    def confirmed(self, records: Sequence[FileRecord]) -> None:
-        self.last_progress = time.monotonic()
+_DISK_CHECK_EVERY_SECONDS = 30.0
+# The control loop may spend a while in one reconcile walk; the systemd watchdog is only told
+# we are stuck when the loop has not come round for this long.
+_LOOP_STUCK_SECONDS = 600.0
 
 
 class Daemon:
@@ -58,7 +53,9 @@ class Daemon:
         self._rescan_lock = threading.Lock()
         self._rescan_keys: set[str | None] = set()
         self._notifier = SystemdNotifier()
-        self._events = _DaemonEvents()
+        self._metrics = Metrics()
+        self._loop_tick = time.monotonic()
+        self._restarts_seen: dict[str, int] = {}
         self._plans: list[WatchPlan] = pipeline.watch_plans(settings)
         self._store: StateStore | None = None
         self._uploader: Uploader | None = None
@@ -71,6 +68,7 @@ class Daemon:
 
     def _on_candidate(self, key: str, path: Path, closed: bool) -> None:
         assert self._settler is not None
+        self._metrics.files_seen_total.labels(watch=key).inc()
         self._settler.submit(path, closed=closed)
 
     def _on_deleted(self, key: str, path: Path) -> None:
@@ -90,6 +88,7 @@ class Daemon:
     def _on_settled(self, path: Path, _stat: os.stat_result) -> None:
         plan = self._plan_for(path)
         if plan is not None and self._reconciler is not None:
+            self._metrics.files_settled_total.labels(watch=plan.key).inc()
             self._reconciler.consider(plan, path, settled=True)
 
     def _on_incomplete(self, path: Path, reason: str) -> None:
@@ -104,13 +103,14 @@ class Daemon:
         except OSError:
             return
         log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
+        self._metrics.incomplete_files_total.labels(watch=plan.key).inc()
         self._store.record_problem(
             watch=plan.key,
             relpath=relpath,
             dataset_id=plan.dataset_id,
             size_bytes=st.st_size,
             mtime_ns=st.st_mtime_ns,
-            state="incomplete",
+            state=INCOMPLETE,
             reason=reason,
         )
 
@@ -154,7 +154,11 @@ class Daemon:
         if released:
             log.info("resending_interrupted", items=released)
         client = pipeline.nucleus_client(settings, self._api_key)
-        self._uploader = pipeline.uploader(settings, self._store, client, self._events)
+        archive_dir = Path(settings.upload.archive_dir) if settings.upload.archive_dir else None
+        events = FanOutEvents(
+            [UploadMetrics(self._metrics), AfterUpload(settings.upload.after_upload, archive_dir)]
+        )
+        self._uploader = pipeline.uploader(settings, self._store, client, events)
         self._reconciler = pipeline.reconciler(
             settings, self._store, on_unsettled=self._on_unsettled, on_queued=self._on_queued
         )
@@ -170,7 +174,9 @@ class Daemon:
             on_deleted=self._on_deleted,
             on_rescan_needed=self._on_rescan_needed,
         )
+        heartbeat = threading.Thread(target=self._heartbeat, name="sd-watchdog", daemon=True)
         try:
+            self._start_metrics()
             self._uploader.start()
             self._settler.start()
             self._intake.start(self._watch_specs())
@@ -183,16 +189,41 @@ class Daemon:
             # `systemctl start` returns once everything on disk is known.
             self._reconcile(None)
             self._notifier.ready(self._status_line())
+            heartbeat.start()
             self._loop()
         finally:
             self._shutdown(client)
+            if heartbeat.is_alive():
+                heartbeat.join(5)
         return 0
+
+    def _start_metrics(self) -> None:
+        assert self._store is not None
+        store = self._store
+
+        def oldest_pending_age() -> float | None:
+            first_seen = store.oldest_pending_first_seen()
+            return None if first_seen is None else max(0.0, time.time() - first_seen)
+
+        self._metrics.set_queue_depth_source(store.state_counts)
+        self._metrics.set_oldest_pending_source(oldest_pending_age)
+        if self._settings.metrics.listen:
+            self._metrics.start_http_server(self._settings.metrics.listen)
+            log.info("metrics_listening", listen=self._settings.metrics.listen)
 
     def _loop(self) -> None:
         settings = self._settings
         next_scan = time.monotonic() + settings.scan.interval_seconds
         next_supervise = time.monotonic() + _SUPERVISE_EVERY_SECONDS
+        next_disk_check = time.monotonic()
+        disk_guard = FreeSpaceGuard(
+            self._store_or_fail(),
+            [(plan.key, plan.root) for plan in self._plans],
+            settings.disk.min_free_bytes,
+            settings.disk.delete_uploaded_when_low,
+        )
         while not self._stop_requested:
+            self._loop_tick = time.monotonic()
             self._wakeup.wait(_TICK_SECONDS)
             self._wakeup.clear()
             if self._stop_requested:
@@ -210,17 +241,44 @@ class Daemon:
                 self._reconcile(None if None in keys else keys)
             if now >= next_supervise:
                 next_supervise = now + _SUPERVISE_EVERY_SECONDS
-                assert self._intake is not None
-                self._intake.supervise()
-                self._check_key_file()
+                self._supervise()
+            if settings.disk.min_free_bytes and now >= next_disk_check:
+                next_disk_check = now + _DISK_CHECK_EVERY_SECONDS
+                disk_guard.check()
+            self._notifier.status(self._status_line())
+
+    def _store_or_fail(self) -> StateStore:
+        assert self._store is not None
+        return self._store
+
+    def _supervise(self) -> None:
+        assert self._intake is not None
+        self._intake.supervise()
+        for key, count in self._intake.restarts().items():
+            new = count - self._restarts_seen.get(key, 0)
+            if new > 0:
+                self._metrics.watcher_restarts_total.labels(watch=key).inc(new)
+            self._restarts_seen[key] = count
+        self._check_key_file()
+
+    def _heartbeat(self) -> None:
+        """WATCHDOG=1 from its own thread, so a long reconcile walk is not mistaken for a hang;
+        it stops when a stage's thread has died or the control loop stopped coming round."""
+        interval = self._notifier.watchdog_interval_seconds
+        if interval is None:
+            return
+        while not self._stop_requested:
             if self._healthy():
                 self._notifier.watchdog()
-            self._notifier.status(self._status_line())
+            elif not self._stop_requested:
+                log.error("pipeline_unhealthy", hint="systemd will restart the service")
+            time.sleep(interval)
 
     def _reconcile(self, keys: set[str | None] | None) -> None:
         assert self._reconciler is not None
         plans = self._plans if keys is None else [p for p in self._plans if p.key in keys]
-        self._reconciler.reconcile(plans)
+        report = self._reconciler.reconcile(plans)
+        self._metrics.scan_seconds.observe(report.seconds)
         assert self._uploader is not None
         self._uploader.wake()
 
@@ -297,7 +355,8 @@ class Daemon:
         """systemd restarts us when this stays False past WatchdogSec: only say so when a
         restart would help (a stage's thread died), not when the network is down."""
         assert self._settler is not None and self._uploader is not None
-        return self._settler.is_alive() and self._uploader.is_alive()
+        loop_alive = time.monotonic() - self._loop_tick < _LOOP_STUCK_SECONDS
+        return loop_alive and self._settler.is_alive() and self._uploader.is_alive()
 
     def _status_line(self) -> str:
         if self._store is None:
@@ -319,6 +378,7 @@ class Daemon:
             self._settler.stop()
         if self._uploader is not None:
             self._uploader.stop(self._settings.upload.stop_timeout_seconds)
+        self._metrics.stop()
         client.close()
         if self._store is not None:
             self._store.close()

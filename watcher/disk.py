@@ -74,9 +74,11 @@ class FanOutEvents(UploadEvents):
     def parked(self, records: Sequence[FileRecord], reason: str) -> None:
         self._forward("parked", lambda consumer: consumer.parked(records, reason))
 
-    def retrying(self, records: Sequence[FileRecord], reason: str, delay_seconds: float) -> None:
+    def retrying(
+        self, records: Sequence[FileRecord], kind: str, reason: str, delay_seconds: float
+    ) -> None:
         self._forward(
-            "retrying", lambda consumer: consumer.retrying(records, reason, delay_seconds)
+            "retrying", lambda consumer: consumer.retrying(records, kind, reason, delay_seconds)
         )
 
     def request_done(self, seconds: float, bytes_sent: int, ok: bool) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import structlog
@@ -34,6 +34,8 @@ from prometheus_client.registry import Collector
 
 from watcher import __version__
 from watcher.errors import ConfigError
+from watcher.store import FileRecord
+from watcher.uploader import UploadEvents
 
 log = structlog.get_logger("watcher.metrics")
 
@@ -261,3 +263,37 @@ def _parse_listen(listen: str) -> tuple[str, int]:
         raise ConfigError(f"metrics.listen: port {port} is out of range 0-65535")
     host = match["ipv6"] if match["ipv6"] is not None else (match["host"] or "0.0.0.0")
     return host, port
+
+
+class UploadMetrics(UploadEvents):
+    """Feeds the uploader's outcomes into `Metrics` (one of the daemon's event consumers)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def confirmed(self, records: Sequence[FileRecord]) -> None:
+        for record in records:
+            counter = (
+                self._metrics.files_updated_total
+                if record.update_flag
+                else self._metrics.files_uploaded_total
+            )
+            counter.labels(dataset=record.dataset_id).inc()
+
+    def parked(self, records: Sequence[FileRecord], reason: str) -> None:
+        for record in records:
+            self._metrics.files_parked_total.labels(dataset=record.dataset_id).inc()
+
+    def retrying(
+        self, records: Sequence[FileRecord], kind: str, reason: str, delay_seconds: float
+    ) -> None:
+        self._metrics.upload_retries_total.labels(reason=kind).inc()
+        for record in records:
+            self._metrics.files_failed_total.labels(dataset=record.dataset_id, reason=kind).inc()
+
+    def request_done(self, seconds: float, bytes_sent: int, ok: bool) -> None:
+        self._metrics.request_seconds.observe(seconds)
+        self._metrics.bytes_sent_total.inc(bytes_sent)
+
+    def job_finished(self, status: str) -> None:
+        self._metrics.jobs_total.labels(status=status).inc()

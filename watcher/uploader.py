@@ -55,14 +55,28 @@ class UploadEvents:
     def parked(self, records: Sequence[FileRecord], reason: str) -> None:
         """These items will not be retried until they change or `retry` is run."""
 
-    def retrying(self, records: Sequence[FileRecord], reason: str, delay_seconds: float) -> None:
-        """A transient failure; every worker waits `delay_seconds` before the next request."""
+    def retrying(
+        self, records: Sequence[FileRecord], kind: str, reason: str, delay_seconds: float
+    ) -> None:
+        """A transient failure of `kind` (see `retry_kind`); every worker waits `delay_seconds`."""
 
     def request_done(self, seconds: float, bytes_sent: int, ok: bool) -> None:
         """One append request finished (for latency and throughput)."""
 
     def job_finished(self, status: str) -> None:
         """An asynchronous job reached a final state."""
+
+
+def retry_kind(exc: RetryableUploadError) -> str:
+    """A short label for why a request is retried (metrics, logs): few values, never a path."""
+    code = exc.status_code
+    if code is None:
+        return "timeout" if "timed out" in exc.reason else "connection"
+    if code == 429:
+        return "http_429"
+    if code >= 500:
+        return "http_5xx"
+    return f"http_{code}"
 
 
 def _items(batch: Sequence[FileRecord]) -> list[UploadItem]:
@@ -330,14 +344,16 @@ class Uploader:
             self._hold_until = max(self._hold_until, self._clock() + delay)
         # The items stay due: once the hold lifts, the backlog goes at full speed.
         self._store.mark_retry([r.id for r in batch], exc.reason, self._clock())
+        kind = retry_kind(exc)
         log.warning(
             "upload_retry",
             dataset_id=batch[0].dataset_id,
             items=len(batch),
+            kind=kind,
             reason=exc.reason,
             delay_seconds=round(delay, 3),
         )
-        self._events.retrying(batch, exc.reason, delay)
+        self._events.retrying(batch, kind, exc.reason, delay)
 
     def _pause(self, batch: Sequence[FileRecord], exc: UnauthorizedError) -> None:
         with self._lock:
