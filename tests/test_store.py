@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,3 +188,22 @@ def test_read_only_open_sees_rows_and_refuses_writes(store: StateStore, tmp_path
     reader.close()
     with pytest.raises(StoreError, match="no state database yet"):
         StateStore.open_read_only(tmp_path / "missing.db")
+
+
+def test_a_second_writer_process_is_refused_with_the_owner_pid(tmp_path: Path) -> None:
+    first = StateStore.open(tmp_path / "state.db")
+    probe = (
+        "import sys; from pathlib import Path; from watcher.store import StateStore;"
+        "from watcher.errors import StoreBusyError\n"
+        "try:\n StateStore.open(Path(sys.argv[1]))\n"
+        "except StoreBusyError as exc:\n print(exc); sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "state.db")], capture_output=True, text=True
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.strip() == (
+        f"{tmp_path / 'state.db'}: in use by another nucleus-watcher process (pid {os.getpid()})"
+    )
+    first.close()
+    StateStore.open(tmp_path / "state.db").close()  # released on close

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURES
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `status --json | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from watcher import pipeline
 from watcher.config import Settings
-from watcher.errors import UploadError, WatcherError
+from watcher.errors import StoreBusyError, UploadError, WatcherError
 from watcher.reconcile import WatchPlan, file_sha256, relpath_of
 from watcher.rules import PathRuleError
 from watcher.store import StateStore
@@ -90,8 +91,23 @@ def explain(settings: Settings, path: Path) -> int:
     return 0
 
 
+def retry_request_path(state_path: Path) -> Path:
+    """Where `retry` leaves its request for a running daemon (which owns the database)."""
+    return state_path.with_name(state_path.name + ".retry")
+
+
 def retry(settings: Settings, paths: Sequence[Path]) -> int:
-    store = pipeline.open_store(settings)
+    state_path = Path(settings.state.path)
+    try:
+        store = pipeline.open_store(settings)
+    except StoreBusyError:
+        # The daemon is the only writer; hand it the request instead of writing beside it.
+        request = retry_request_path(state_path)
+        temporary = request.with_name(request.name + ".tmp")
+        temporary.write_text(json.dumps([str(path.absolute()) for path in paths]))
+        os.replace(temporary, request)
+        print("the running daemon will re-queue them within a few seconds (see its log)")
+        return 0
     try:
         count = store.requeue_failed(paths)
     finally:

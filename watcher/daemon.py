@@ -9,6 +9,7 @@ systemd watchdog. Stages talk through callbacks and the store, never by importin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -19,6 +20,7 @@ from types import FrameType
 import structlog
 
 from watcher import pipeline
+from watcher.commands import retry_request_path
 from watcher.config import Settings, load_settings, resolve_api_key
 from watcher.disk import AfterUpload, FanOutEvents, FreeSpaceGuard
 from watcher.errors import ConfigError
@@ -260,6 +262,23 @@ class Daemon:
                 self._metrics.watcher_restarts_total.labels(watch=key).inc(new)
             self._restarts_seen[key] = count
         self._check_key_file()
+        self._take_retry_request()
+
+    def _take_retry_request(self) -> None:
+        """`nucleus-watcher retry` while we run: it leaves a request file instead of writing."""
+        request = retry_request_path(Path(self._settings.state.path))
+        try:
+            paths = [Path(p) for p in json.loads(request.read_text())]
+            request.unlink()
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.error("retry_request_unreadable", path=str(request), error=str(exc))
+            request.unlink(missing_ok=True)
+            return
+        count = self._store_or_fail().requeue_failed(paths)
+        log.info("retry_requested", items=count)
+        self._on_rescan_needed(None, "retry requested")
 
     def _heartbeat(self) -> None:
         """WATCHDOG=1 from its own thread, so a long reconcile walk is not mistaken for a hang;

@@ -3,6 +3,7 @@
     WatcherError
     ├── ConfigError              bad settings; carries one line per problem
     ├── StoreError               the state database cannot be used
+    │   └── StoreBusyError           another nucleus-watcher process owns it
     └── UploadError              a request to Nucleus did not confirm the items
         ├── RetryableUploadError     try again later (network, timeout, 408, 429, 5xx)
         ├── PermanentUploadError     this request will never succeed as is (400, 404, 413, bad file)
@@ -28,6 +29,10 @@ class ConfigError(WatcherError):
 
 class StoreError(WatcherError):
     """The state database cannot be opened, read or written."""
+
+
+class StoreBusyError(StoreError):
+    """Another nucleus-watcher process (daemon or scan) has the state database open for writing."""
 
 
 class UploadError(WatcherError):

@@ -15,6 +15,7 @@ dataset).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -29,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from watcher.errors import StoreError
+from watcher.errors import StoreBusyError, StoreError
 
 log = structlog.get_logger("watcher.store")
 
@@ -181,19 +182,37 @@ class StateStore:
         self.path = path
         self.read_only = read_only
         self._lock = threading.RLock()
+        self._owner_lock: int | None = None
 
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: Path) -> StateStore:
-        """Open (or create) the database for writing; move a damaged one aside and start anew."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (or create) the database for writing; move a damaged one aside and start anew.
+
+        One process at a time: an advisory lock beside the database keeps a second daemon or a
+        `scan` from becoming a second writer (see the module docstring for why that matters).
+        """
         try:
-            store = cls._open_checked(path)
-        except sqlite3.DatabaseError as exc:
-            aside = _move_aside(path)
-            log.error("state_db_corrupt", path=str(path), moved_to=str(aside), error=str(exc))
-            store = cls._open_checked(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"{path.parent}: cannot create the state folder: {exc.strerror}"
+            ) from exc
+        owner_lock = _take_owner_lock(path)
+        try:
+            try:
+                store = cls._open_checked(path)
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+                    raise StoreError(f"{path}: cannot open the state database: {exc}") from exc
+                aside = _move_aside(path)
+                log.error("state_db_corrupt", path=str(path), moved_to=str(aside), error=str(exc))
+                store = cls._open_checked(path)
+        except BaseException:
+            os.close(owner_lock)
+            raise
+        store._owner_lock = owner_lock
         return store
 
     @classmethod
@@ -243,6 +262,9 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owner_lock is not None:
+                os.close(self._owner_lock)  # closing the descriptor releases the flock
+                self._owner_lock = None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -666,24 +688,52 @@ class StateStore:
             return cursor.rowcount
 
     def requeue_failed(self, paths: Sequence[Path] = ()) -> int:
-        """`retry`: failed items (all, or those at `paths`) go back to pending."""
+        """`retry`: failed and incomplete items (all, or those at `paths`) get another go.
+
+        Items that reached the server and were refused go back to pending as they are; files
+        refused before classification (not an image, incomplete, ...) are marked for the next
+        reconcile to look at again, since only a fresh look can tell whether they are fixed.
+        """
+        where = "state IN (?, ?)"
+        params: list[Any] = [FAILED, INCOMPLETE]
+        if paths:
+            where += f" AND watch || '/' || relpath IN ({_placeholders(len(paths))})"
+            params += [str(path.absolute()) for path in paths]
         with self._transaction() as db:
-            if not paths:
-                cursor = db.execute(
-                    "UPDATE files SET state = ?, attempts = 0, next_attempt_at = 0"
-                    " WHERE state IN (?, ?)",
-                    (PENDING, FAILED, INCOMPLETE),
-                )
-                return cursor.rowcount
-            count = 0
-            for path in paths:
-                cursor = db.execute(
-                    "UPDATE files SET state = ?, attempts = 0, next_attempt_at = 0"
-                    " WHERE state IN (?, ?) AND watch || '/' || relpath = ?",
-                    (PENDING, FAILED, INCOMPLETE, str(path.absolute())),
-                )
-                count += cursor.rowcount
-            return count
+            queued = db.execute(
+                "UPDATE files SET state = ?, attempts = 0, next_attempt_at = 0"
+                f" WHERE {where} AND metadata_sha256 != ''",
+                (PENDING, *params),
+            ).rowcount
+            reexamined = db.execute(
+                f"UPDATE files SET size_bytes = -1, mtime_ns = -1 WHERE {where}"
+                " AND metadata_sha256 = ''",
+                params,
+            ).rowcount
+        return queued + reexamined
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def _take_owner_lock(path: Path) -> int:
+    lock = lock_path(path)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{lock}: cannot create the lock file: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreBusyError(
+            f"{path}: in use by another nucleus-watcher process (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _move_aside(path: Path) -> Path:
