@@ -57,6 +57,21 @@ def _parser() -> argparse.ArgumentParser:
     devserver.add_argument(
         "--dataset", action="append", default=[], help="the only dataset ids that exist"
     )
+    demo = commands.add_parser(
+        "demo", help="the whole thing on a temporary folder against a local devserver, no setup"
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the daemon and devserver running (and the folder) until Ctrl-C",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=float,
+        default=6.0,
+        metavar="N",
+        help="write the sample images over about N seconds",
+    )
     return parser
 
 
@@ -86,6 +101,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return serve_forever_cli(
             args.host, args.port, args.data, args.api_key, args.job_delay, args.dataset
         )
+
+    if args.command == "demo":
+        from watcher.demo import run_demo
+
+        return run_demo(keep=args.keep, seconds=args.seconds)
 
     from watcher.config import load_settings, resolve_api_key
     from watcher.logs import configure_logging
