@@ -261,3 +261,34 @@ def test_metrics_endpoint_counts_what_the_daemon_did(
     assert "nucleus_watcher_request_seconds_count 2.0" in text
     assert "nucleus_watcher_bytes_sent_total" in text
     assert daemon.stop() == 0
+
+
+MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+def test_kernel_queue_overflow_loses_no_file(
+    tmp_path: Path, devserver: DevServer, daemons: list[DaemonProcess]
+) -> None:
+    """Flood a watched folder past a lowered inotify queue: the overflow triggers a reconcile."""
+    try:
+        original = MAX_QUEUED_EVENTS.read_text()
+        MAX_QUEUED_EVENTS.write_text("64\n")
+    except OSError:
+        pytest.skip("cannot lower fs.inotify.max_queued_events here (needs root)")
+    root = tmp_path / "cam"
+    (root / "Sunny").mkdir(parents=True)
+    config = live_config(tmp_path, devserver, [root], scan={"interval_seconds": 3600})
+    try:
+        # The limit is read when the inotify instance is made: lower only around the start.
+        daemon = start(daemons, config, tmp_path)
+    finally:
+        MAX_QUEUED_EVENTS.write_text(original)
+    files = {f"Sunny/flood_{i:04}.jpg": root / "Sunny" / f"flood_{i:04}.jpg" for i in range(600)}
+    images = [
+        jpeg_bytes(16, 16, seed=index) for index in range(len(files))
+    ]  # made first: fast flood
+    for data, path in zip(images, files.values(), strict=True):
+        path.write_bytes(data)
+    wait_stored(devserver, files, timeout=60)
+    assert "kernel event queue overflow" in daemon.log_text()
+    assert daemon.stop() == 0
