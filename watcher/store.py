@@ -16,17 +16,18 @@ dataset).
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import structlog
 
@@ -138,6 +139,54 @@ class KnownFile:
     state: str
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_FULL_RETRY_MAX_SECONDS = 30.0
+
+
+def _out_of_space_or_io(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+    return "disk is full" in str(exc) or "disk I/O error" in str(exc)
+
+
+def _waits_for_disk_space(
+    method: Callable[Concatenate[StateStore, _P], _R],
+) -> Callable[Concatenate[StateStore, _P], _R]:
+    """A write that fails because the state folder is full (or its disk errs) waits and tries
+    again instead of failing: the transaction rolled back, so nothing half-written remains, and
+    the pipeline simply stalls until an operator frees space. Closing the store ends the wait."""
+
+    @functools.wraps(method)
+    def wrapper(self: StateStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        delay = 0.5
+        while True:
+            try:
+                result = method(self, *args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if not _out_of_space_or_io(exc) or self._closing.is_set():
+                    raise
+                if not self._write_blocked:
+                    self._write_blocked = True
+                    log.error(
+                        "state_write_failed",
+                        path=str(self.path),
+                        error=str(exc),
+                        hint="free space in the state folder; writes are retried",
+                    )
+                if self._closing.wait(delay):
+                    raise StoreError(f"{self.path}: closed while waiting to write: {exc}") from exc
+                delay = min(delay * 2, _FULL_RETRY_MAX_SECONDS)
+                continue
+            if self._write_blocked:
+                self._write_blocked = False
+                log.info("state_write_recovered", path=str(self.path))
+            return result
+
+    return wrapper
+
+
 _COLUMNS = (
     "id, watch, relpath, dataset_id, reference_id, size_bytes, mtime_ns, content_sha256,"
     " metadata_json, metadata_sha256, remote_url, state, update_flag, attempts,"
@@ -183,6 +232,8 @@ class StateStore:
         self.read_only = read_only
         self._lock = threading.RLock()
         self._owner_lock: int | None = None
+        self._closing = threading.Event()
+        self._write_blocked = False
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -260,6 +311,7 @@ class StateStore:
                 self._db.execute(f"PRAGMA user_version = {number}")
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             self._db.close()
             if self._owner_lock is not None:
@@ -272,10 +324,12 @@ class StateStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may already have rolled back by itself (a full disk does that).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -412,6 +466,7 @@ class StateStore:
 
     # -- writing: intake -------------------------------------------------------------------
 
+    @_waits_for_disk_space
     def record_candidate(self, candidate: Candidate, now: float | None = None) -> str:
         """Record what is on disk now; decide whether it must be sent. Returns what happened:
 
@@ -514,6 +569,7 @@ class StateStore:
             )
             return "changed"
 
+    @_waits_for_disk_space
     def record_problem(
         self,
         *,
@@ -559,6 +615,7 @@ class StateStore:
                     (size_bytes, mtime_ns, state, reason, now, row["id"]),
                 )
 
+    @_waits_for_disk_space
     def mark_gone(self, watch: str, relpath: str, now: float | None = None) -> bool:
         """The file was deleted locally. Its item stays in the dataset; the record says so."""
         now = time.time() if now is None else now
@@ -570,6 +627,7 @@ class StateStore:
             )
             return cursor.rowcount > 0
 
+    @_waits_for_disk_space
     def mark_missing_gone(self, watch: str, present: set[str], now: float | None = None) -> int:
         """After a full walk of `watch`: every recorded file not in `present` is gone."""
         now = time.time() if now is None else now
@@ -588,6 +646,7 @@ class StateStore:
 
     # -- writing: the upload queue ---------------------------------------------------------
 
+    @_waits_for_disk_space
     def claim_batch(
         self, max_items: int, *, now: float | None = None, newest_first: bool = False
     ) -> list[FileRecord]:
@@ -627,6 +686,7 @@ class StateStore:
             )
         return [_record(row) for row in rows]
 
+    @_waits_for_disk_space
     def mark_job_submitted(self, ids: Sequence[int], job_id: str) -> None:
         """The server took the request as a job; a restart follows the job instead of re-sending."""
         with self._transaction() as db:
@@ -635,6 +695,7 @@ class StateStore:
                 (job_id, *ids),
             )
 
+    @_waits_for_disk_space
     def mark_confirmed(self, ids: Sequence[int], now: float | None = None) -> None:
         """The server confirmed these (2xx sync answer or job Completed)."""
         now = time.time() if now is None else now
@@ -653,6 +714,7 @@ class StateStore:
                 (now, now, PENDING, UPLOADED, *ids, IN_FLIGHT),
             )
 
+    @_waits_for_disk_space
     def mark_retry(
         self, ids: Sequence[int], error: str, next_attempt_at: float, *, force_update: bool = False
     ) -> None:
@@ -666,6 +728,7 @@ class StateStore:
                 (PENDING, next_attempt_at, error, int(force_update), *ids, IN_FLIGHT),
             )
 
+    @_waits_for_disk_space
     def mark_failed(self, ids: Sequence[int], error: str, now: float | None = None) -> None:
         """Parked: this will not succeed as it is. `retry` or a change to the file re-queues it."""
         now = time.time() if now is None else now
@@ -677,6 +740,7 @@ class StateStore:
                 (PENDING, FAILED, error, now, *ids, IN_FLIGHT),
             )
 
+    @_waits_for_disk_space
     def release_in_flight(self) -> int:
         """At start: sends that were cut off (no job id) go back to pending, same reference_id."""
         with self._transaction() as db:
@@ -687,6 +751,7 @@ class StateStore:
             )
             return cursor.rowcount
 
+    @_waits_for_disk_space
     def requeue_failed(self, paths: Sequence[Path] = ()) -> int:
         """`retry`: failed and incomplete items (all, or those at `paths`) get another go.
 
