@@ -115,6 +115,7 @@ class Uploader:
         self._hold_until = 0.0
         self._consecutive_failures = 0
         self._busy_workers = 0
+        self._wake_generation = 0
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class Uploader:
     def wake(self) -> None:
         """New work was queued."""
         with self._lock:
+            self._wake_generation += 1
             self._lock.notify_all()
 
     def resume(self) -> None:
@@ -207,33 +209,47 @@ class Uploader:
                 self._send(batch)
             except Exception:  # a bug must not kill the worker; the rows are retried later
                 log.exception("upload_worker_error", items=len(batch))
-                self._store.mark_retry([r.id for r in batch], "internal error", self._clock() + 5)
+                try:
+                    self._store.mark_retry(
+                        [r.id for r in batch], "internal error", self._clock() + 5
+                    )
+                except Exception:  # the rows stay in flight; the next start re-sends them
+                    log.exception("upload_worker_error_unrecorded", items=len(batch))
             finally:
                 with self._lock:
                     self._busy_workers -= 1
                     self._lock.notify_all()
 
     def _next_batch(self) -> list[FileRecord] | None:
-        with self._lock:
-            while True:
+        while True:
+            with self._lock:
                 if self._stopping:
                     return None
                 now = self._clock()
-                if self._paused_reason is None and now >= self._hold_until:
-                    batch = self._store.claim_batch(
-                        self._policy.max_files_per_request,
-                        now=now,
-                        newest_first=self._policy.newest_first,
-                    )
-                    if batch:
-                        self._busy_workers += 1
-                        return batch
-                    next_due = self._store.next_due_at()
-                    wait = 30.0 if next_due is None else max(0.01, min(30.0, next_due - now))
-                elif self._paused_reason is None:
-                    wait = self._hold_until - now
-                else:
-                    wait = 30.0
+                if self._paused_reason is not None:
+                    self._lock.wait(30.0)
+                    continue
+                if now < self._hold_until:
+                    self._lock.wait(self._hold_until - now)
+                    continue
+                # Counted as busy while claiming, so `wait_until_drained` never sees a batch
+                # that left the queue but is not yet in anyone's hands.
+                self._busy_workers += 1
+                generation = self._wake_generation
+            # The claim runs outside our lock: a store write can stall (full disk) and that
+            # must not stall `stop()` or `wake()` with it.
+            batch = self._store.claim_batch(
+                self._policy.max_files_per_request, now=now, newest_first=self._policy.newest_first
+            )
+            if batch:
+                return batch
+            next_due = self._store.next_due_at()
+            with self._lock:
+                self._busy_workers -= 1
+                self._lock.notify_all()
+                if generation != self._wake_generation or self._stopping:
+                    continue  # work was queued while we looked: look again at once
+                wait = 30.0 if next_due is None else max(0.01, min(30.0, next_due - now))
                 self._lock.wait(wait)
 
     def _send(self, batch: list[FileRecord]) -> None:
@@ -401,7 +417,16 @@ class Uploader:
                 self._lock.wait(self._policy.job_poll_seconds)
 
     def _check_job(self, job_id: str, ids: list[int]) -> None:
-        state = self._client.job(job_id)
+        try:
+            state = self._client.job(job_id)
+        except (UnauthorizedError, RetryableUploadError):
+            raise
+        except PermanentUploadError as exc:
+            # The server no longer knows the job (404): its items go again, same reference_ids.
+            log.warning("job_unknown", job_id=job_id, items=len(ids), reason=exc.reason)
+            self._store.mark_retry(ids, f"job {job_id} unknown to the server", self._clock())
+            self.wake()
+            return
         if not state.finished:
             return
         records = self._store.get_many(ids)
