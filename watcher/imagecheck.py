@@ -83,8 +83,8 @@ def check_image_complete(path: Path) -> str | None:
     if st.st_size == 0:
         return "zero-byte file"
     try:
-        # O_NONBLOCK: should the path become a FIFO between stat and open, do not hang on it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Should the path become a FIFO or a symlink between stat and open: no hang, no follow.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
     try:

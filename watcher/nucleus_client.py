@@ -27,7 +27,6 @@ import math
 import os
 import socket
 import ssl
-import stat
 import tempfile
 import threading
 import time
@@ -56,6 +55,7 @@ from watcher.errors import (
     RetryableUploadError,
     UnauthorizedError,
 )
+from watcher.localfile import NotARegularFile, open_regular_file
 
 # http.client writes a file body in 8 KiB blocks (urllib3: 16 KiB); a syscall per 8 KiB caps a
 # single upload well below what a LAN or a fast uplink can carry.
@@ -851,16 +851,11 @@ def _image_content_type(path: Path) -> str:
 
 def _open_image(path: Path) -> IO[bytes]:
     try:
-        handle = path.open("rb")
+        return open_regular_file(path)
+    except NotARegularFile as exc:
+        raise LocalFileError(path, exc.strerror or "not a regular file") from None
     except OSError as exc:
         raise LocalFileError(path, f"cannot open: {exc.strerror or type(exc).__name__}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise LocalFileError(path, "not a regular file")
-    except BaseException:
-        handle.close()
-        raise
-    return handle
 
 
 def _multipart_filename(index: int, path: Path) -> str:

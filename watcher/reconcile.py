@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from watcher.imagecheck import check_image_complete, sniff_image_type
+from watcher.localfile import open_regular_file
 from watcher.pathfilter import PathFilter
 from watcher.rules import PathRuleError, RuleSet
 from watcher.store import FAILED, GONE, INCOMPLETE, Candidate, KnownFile, StateStore
@@ -75,7 +76,7 @@ def relpath_of(root: Path, path: Path) -> str | None:
 
 
 def file_sha256(path: Path) -> str:
-    with path.open("rb") as f:
+    with open_regular_file(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -133,10 +134,12 @@ class Reconciler:
         return report
 
     def _walk(self, plan: WatchPlan) -> Iterator[tuple[Path, str, os.stat_result]]:
-        """Regular files under the root that pass the filter; symlinks only if they stay inside."""
-        root = plan.root
-        resolved_root = root.resolve()
-        stack = [(root, "")]
+        """Entries under the root that pass the filter, with their lstat.
+
+        Symbolic links are reported, never followed: nothing outside a watch root is read, and
+        a loop cannot trap the walk.
+        """
+        stack = [(plan.root, "")]
         while stack:
             folder, rel_folder = stack.pop()
             try:
@@ -154,12 +157,6 @@ class Reconciler:
                     if not plan.path_filter.accepts(relpath):
                         continue
                     st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISLNK(st.st_mode):
-                        target = Path(entry.path).resolve()
-                        if relpath_of(resolved_root, target) is None or not target.is_file():
-                            log.info("symlink_skipped", path=entry.path, target=str(target))
-                            continue
-                        st = target.stat()
                 except OSError as exc:
                     log.warning("file_unreadable", path=entry.path, error=exc.strerror)
                     continue
@@ -173,7 +170,7 @@ class Reconciler:
         if relpath is None or not plan.path_filter.accepts(relpath):
             return "excluded"
         try:
-            st = path.stat()
+            st = path.lstat()
         except FileNotFoundError:
             if self._store.mark_gone(plan.key, relpath):
                 log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
@@ -192,6 +189,8 @@ class Reconciler:
         known: KnownFile | None,
         settled: bool,
     ) -> str:
+        if stat.S_ISLNK(st.st_mode):
+            return self._problem(plan, path, relpath, st, FAILED, "symbolic link (not followed)")
         if not stat.S_ISREG(st.st_mode):
             return self._problem(plan, path, relpath, st, FAILED, "not a regular file")
         unchanged_on_disk = (
@@ -234,7 +233,7 @@ class Reconciler:
     def _content_problem(self, path: Path) -> tuple[str, str] | None:
         """(state, reason) when the bytes cannot go as they are; None when they can."""
         try:
-            with path.open("rb") as f:
+            with open_regular_file(path) as f:
                 head = f.read(_HEAD_BYTES)
         except FileNotFoundError:
             return None  # gone since the stat: the hash step notices
