@@ -180,11 +180,6 @@ def test_non_image_with_jpg_extension_is_not_uploaded(rig: Rig) -> None:
     rig.finish()
 
 
-@pytest.mark.xfail(
-    reason="daemon.py Daemon._on_incomplete records every settle verdict as 'incomplete'; a"
-    " file that is not an image is parked as incomplete (after max_wait) instead of failed",
-    strict=True,
-)
 def test_non_image_with_jpg_extension_is_parked_as_failed(rig: Rig) -> None:
     rig.start()
     notes = rig.root / "notes.jpg"

@@ -192,11 +192,6 @@ def test_random_faults_scan_delivers_each_file_once(
     assert tally.duplicate_item_sends <= tally.lost_item_sends, line
 
 
-@pytest.mark.xfail(
-    reason="scan.py run_scan/StateStore.unfinished_count: attempts from earlier scans count"
-    " against SCAN_MAX_ATTEMPTS, so a later scan gives a pending item at most one try",
-    strict=True,
-)
 def test_a_later_scan_gives_pending_items_a_fresh_set_of_tries(
     tmp_path: Path, devserver: DevServer, cli: Commands
 ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -95,14 +96,18 @@ class Daemon:
 
     def _on_incomplete(self, path: Path, reason: str) -> None:
         plan = self._plan_for(path)
-        if plan is None or self._store is None:
+        if plan is None or self._store is None or self._reconciler is None:
             return
         relpath = relpath_of(plan.root, path)
         if relpath is None:
             return
         try:
-            st = path.stat()
+            st = path.lstat()
         except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            # A symlink or FIFO is not "still being written": record it as the walk would.
+            self._reconciler.consider(plan, path, settled=True)
             return
         log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
         self._metrics.incomplete_files_total.labels(watch=plan.key).inc()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 # How much of the head `sniff_image_type` looks at; callers reading a head should read this much.
 SNIFF_BYTES = 32
+# The start of every reason that means "this will never be an image": no point waiting.
+NOT_AN_IMAGE = "not an image"
 
 # Some cameras pad a JPEG after EOI with zeros up to a block size; more than this is not padding
 # but a preallocated file whose tail has not been written yet.
@@ -131,7 +133,7 @@ def _check_by_format(reader: _ImageReader) -> str | None:
         return _check_tiff(head, reader)
     if kind == "bmp":
         return _check_bmp(head, reader)
-    return "not an image: unknown signature"
+    return f"{NOT_AN_IMAGE}: unknown signature"
 
 
 def _check_jpeg(reader: _ImageReader) -> str | None:

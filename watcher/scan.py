@@ -84,6 +84,7 @@ def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
     started = time.monotonic()
     try:
         store.release_in_flight()
+        store.reset_pending_attempts()
         unsettled: list[tuple[WatchPlan, Path]] = []
         reconciler = pipeline.reconciler(
             settings, store, on_unsettled=lambda plan, path: unsettled.append((plan, path))

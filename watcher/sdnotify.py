@@ -76,8 +76,11 @@ class SystemdNotifier:
         try:
             with self._socket_lock:
                 if self._socket is None:
+                    # Non-blocking: if nobody reads the socket (its queue holds ~10 datagrams),
+                    # a STATUS= update is dropped rather than stalling the daemon's control loop.
                     self._socket = socket.socket(
-                        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                        socket.AF_UNIX,
+                        socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
                     )
                 self._socket.sendto(datagram, self._address)
         except OSError as error:

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import structlog
 
-from watcher.imagecheck import check_image_complete
+from watcher.imagecheck import NOT_AN_IMAGE, check_image_complete
 
 log = structlog.get_logger("watcher.settle")
 
@@ -292,6 +292,15 @@ class Settler:
         stable_seconds = now - candidate.observed_since
         image_reason = self._image_reason(candidate, observation)
         if image_reason is None and self._settled(candidate, stable_seconds):
+            del self._candidates[path]
+            return _Verdict(ready_stat=st)
+        if (
+            image_reason is not None
+            and image_reason.startswith(NOT_AN_IMAGE)
+            and stable_seconds >= self._settle_seconds
+        ):
+            # No amount of waiting turns this into an image: hand it on now, and let the
+            # classifier park it with the same reason a folder walk would give.
             del self._candidates[path]
             return _Verdict(ready_stat=st)
         if image_reason is not None and stable_seconds >= self._settle_seconds:

@@ -752,6 +752,14 @@ class StateStore:
             return cursor.rowcount
 
     @_waits_for_disk_space
+    def reset_pending_attempts(self) -> int:
+        """A new `scan` run: items still pending from an earlier run get a fresh set of tries."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE files SET attempts = 0, next_attempt_at = 0 WHERE state = ?", (PENDING,)
+            ).rowcount
+
+    @_waits_for_disk_space
     def requeue_failed(self, paths: Sequence[Path] = ()) -> int:
         """`retry`: failed and incomplete items (all, or those at `paths`) get another go.
 
