@@ -52,14 +52,14 @@ class DaemonProcess:
         env = watcher_env(NOTIFY_SOCKET=str(notify_path), **self.extra_env)
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "watcher", "run", "-c", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env
             )
         if wait_ready:
             assert wait_until(lambda: self.has_message("READY=1"), 30), self.log_text()
         return self
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "watcher", "run", "-c", str(self.config)]
 
     def read_notifications(self) -> list[str]:
         while self._socket is not None:

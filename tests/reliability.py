@@ -10,9 +10,7 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -24,7 +22,7 @@ from typing import Any
 from watchdog.events import FileOpenedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from tests.configfactory import run_watcher, watcher_env
+from tests.configfactory import run_watcher
 from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import jpeg_bytes
 from watcher.devserver import DevServer, RequestRecord
@@ -274,31 +272,14 @@ class DacDroppedDaemon(DaemonProcess):
     a chmod 000 file is unreadable to it even when the tests run as root. Same protocol as
     DaemonProcess (notify socket, log file); only the command differs."""
 
-    def start(self, *, wait_ready: bool = True) -> DaemonProcess:
-        self._runs += 1
-        self.notify_messages = []
-        notify_path = self.workdir / f"notify-{self._runs}.sock"
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.bind(str(notify_path))
-        self._socket.settimeout(0.05)
-        env = watcher_env(NOTIFY_SOCKET=str(notify_path), **self.extra_env)
-        command = [
+    def command(self) -> list[str]:
+        return [
             "setpriv",
             f"--inh-caps={_DROP_DAC}",
             f"--bounding-set={_DROP_DAC}",
             "--",
-            sys.executable,
-            "-m",
-            "watcher",
-            "run",
-            "-c",
-            str(self.config),
+            *super().command(),
         ]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if wait_ready:
-            assert wait_until(lambda: self.has_message("READY=1"), 30), self.log_text()
-        return self
 
 
 # -- what the devserver saw -----------------------------------------------------------------
