@@ -322,14 +322,8 @@ class _DeadlineHTTPConnection(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _DeadlineHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        _attach_current_deadline(self)
-        super().connect()
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach_current_deadline(self)
-        super().request(*args, **kwargs)
+class _DeadlineHTTPSConnection(_DeadlineHTTPConnection, HTTPSConnection):
+    """The same deadline hooks; the MRO puts HTTPSConnection's connect() under them."""
 
 
 class _DeadlineHTTPConnectionPool(HTTPConnectionPool):
