@@ -19,6 +19,7 @@ import requests
 from tests.configfactory import API_KEY, run_watcher, write_config
 from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import jpeg_bytes, sha256_of, write_jpeg
+from tests.reliability import cpu_seconds
 from watcher.devserver import DevServer
 
 DATASET = "ds_live"
@@ -291,4 +292,23 @@ def test_kernel_queue_overflow_loses_no_file(
         path.write_bytes(data)
     wait_stored(devserver, files, timeout=60)
     assert "kernel event queue overflow" in daemon.log_text()
+    assert daemon.stop() == 0
+
+
+def test_an_idle_daemon_uses_almost_no_cpu(
+    tmp_path: Path, devserver: DevServer, daemons: list[DaemonProcess]
+) -> None:
+    """Nothing to do means sleeping: no worker, observer or loop may spin."""
+    root = tmp_path / "cam"
+    files = {f"Sunny/{i}.jpg": root / "Sunny" / f"{i}.jpg" for i in range(5)}
+    for index, path in enumerate(files.values()):
+        write_jpeg(path, seed=index)
+    daemon = start(daemons, live_config(tmp_path, devserver, [root]), tmp_path)
+    wait_stored(devserver, files)
+    time.sleep(1.0)
+    assert daemon.process is not None
+    before = cpu_seconds(daemon.process.pid)
+    time.sleep(4.0)
+    used = cpu_seconds(daemon.process.pid) - before
+    assert used < 0.2, f"idle daemon used {used:.2f} s of CPU in 4 s"
     assert daemon.stop() == 0

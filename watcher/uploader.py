@@ -109,7 +109,12 @@ class Uploader:
         self._policy = policy
         self._events = events or UploadEvents()
         self._clock = clock
-        self._lock = threading.Condition()
+        lock = threading.RLock()
+        # Two conditions on one lock: workers wait for work (`wake`, `resume`, `stop`);
+        # `wait_until_drained` waits for workers to go idle. Sharing one condition let idle
+        # workers wake each other in a loop.
+        self._lock = threading.Condition(lock)
+        self._idle = threading.Condition(lock)
         self._stopping = False
         self._paused_reason: str | None = None
         self._hold_until = 0.0
@@ -196,7 +201,7 @@ class Uploader:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._lock.wait(0.2 if remaining is None else min(0.2, remaining))
+                self._idle.wait(0.2 if remaining is None else min(0.2, remaining))
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -218,7 +223,7 @@ class Uploader:
             finally:
                 with self._lock:
                     self._busy_workers -= 1
-                    self._lock.notify_all()
+                    self._idle.notify_all()
 
     def _next_batch(self) -> list[FileRecord] | None:
         while True:
@@ -246,7 +251,7 @@ class Uploader:
             next_due = self._store.next_due_at()
             with self._lock:
                 self._busy_workers -= 1
-                self._lock.notify_all()
+                self._idle.notify_all()
                 if generation != self._wake_generation or self._stopping:
                     continue  # work was queued while we looked: look again at once
                 wait = 30.0 if next_due is None else max(0.01, min(30.0, next_due - now))
