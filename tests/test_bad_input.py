@@ -336,7 +336,7 @@ def test_file_deleted_between_settle_and_upload_is_gone_not_lost(rig: Rig) -> No
     rig.devserver.set_down(True)  # it settles and queues, but cannot go out
     victim = rig.root / "victim.jpg"
     victim.write_bytes(jpeg_bytes(seed=5))
-    rig.wait_event("file_queued", victim)
+    rig.cli.wait_state(rig.config, victim, "pending", timeout_seconds=10)
     wait_log_event(daemon, lambda e: e.get("event") == "upload_retry")
     victim.unlink()
     rig.cli.wait_state(rig.config, victim, "gone", timeout_seconds=10)

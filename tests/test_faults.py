@@ -396,7 +396,12 @@ def test_async_jobs_with_faults_and_a_restart_are_all_confirmed(
     root = tmp_path / "cam"
     files = write_images(root, (f"before/f{i:02}.jpg" for i in range(30)), first_seed=0)
     config = fault_config(
-        tmp_path, server.base_url, root, nucleus={"asynchronous": True, "job_poll_seconds": 0.1}
+        tmp_path,
+        server.base_url,
+        root,
+        nucleus={"asynchronous": True, "job_poll_seconds": 0.1},
+        # Small batches: enough requests (about 20) for the 30 % fault rate to bite.
+        upload={"max_files_per_request": 3},
     )
     started = time.monotonic()
     daemon = daemons.start(config, tmp_path / "run")

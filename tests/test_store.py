@@ -51,7 +51,7 @@ def send_and_confirm(store: StateStore) -> list[int]:
 def test_database_settings_and_schema_version(store: StateStore, tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "state.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     db.close()
 
 
@@ -163,7 +163,7 @@ def test_interrupted_send_is_released_but_a_submitted_job_is_followed(tmp_path: 
 def test_gone_file_keeps_record_and_reappearing_file_is_not_resent(store: StateStore) -> None:
     store.record_candidate(candidate())
     send_and_confirm(store)
-    assert store.mark_missing_gone("/srv/cam", present=set()) == 1
+    assert store.mark_gone_many("/srv/cam", ["Sunny/a.jpg"]) == 1
     assert store.get("/srv/cam", "Sunny/a.jpg").state == GONE  # type: ignore[union-attr]
     assert store.record_candidate(candidate()) == "unchanged"
     assert store.get("/srv/cam", "Sunny/a.jpg").state == UPLOADED  # type: ignore[union-attr]

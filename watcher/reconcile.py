@@ -27,6 +27,18 @@ from watcher.store import FAILED, GONE, INCOMPLETE, Candidate, KnownFile, StateS
 log = structlog.get_logger("watcher.reconcile")
 
 _HEAD_BYTES = 64
+# A walk records new and changed files this many at a time: one commit (one fsync) per chunk,
+# and the store's lock is free for the uploader between chunks.
+_RECORD_CHUNK_FILES = 256
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A file the walk found new or changed, waiting for its chunk to be recorded."""
+
+    candidate: Candidate
+    path: Path
+    st: os.stat_result
 
 
 @dataclass(frozen=True)
@@ -53,8 +65,10 @@ class ReconcileReport:
     gone: int = 0
     seconds: float = 0.0
     missing_roots: list[str] = field(default_factory=list)
+    last_outcome: str = ""
 
     def add(self, outcome: str) -> None:
+        self.last_outcome = outcome
         if outcome == "new":
             self.queued_new += 1
         elif outcome in ("changed", "deferred"):
@@ -113,12 +127,19 @@ class Reconciler:
                 log.warning("watch_folder_missing", watch=plan.key)
                 continue
             known = self._store.known_files(plan.key)
-            present: set[str] = set()
+            chunk: list[_Pending] = []
             for path, relpath, st in self._walk(plan):
-                present.add(relpath)
                 report.files_seen += 1
-                report.add(self._consider(plan, path, relpath, st, known.get(relpath), False))
-            report.gone += self._store.mark_missing_gone(plan.key, present)
+                result = self._examine(plan, path, relpath, st, known.pop(relpath, None), False)
+                if isinstance(result, _Pending):
+                    chunk.append(result)
+                    if len(chunk) >= _RECORD_CHUNK_FILES:
+                        self._record(plan, chunk, report)
+                else:
+                    report.add(result)
+            self._record(plan, chunk, report)
+            # What the walk did not pop from `known` is no longer on disk.
+            report.gone += self._store.mark_gone_many(plan.key, list(known))
         report.seconds = time.monotonic() - started
         log.info(
             "reconcile_done",
@@ -178,9 +199,14 @@ class Reconciler:
         except OSError as exc:
             return self._problem(plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}")
         known = self._store.known_file(plan.key, relpath)
-        return self._consider(plan, path, relpath, st, known, settled)
+        result = self._examine(plan, path, relpath, st, known, settled)
+        if not isinstance(result, _Pending):
+            return result
+        report = ReconcileReport()
+        self._record(plan, [result], report)
+        return report.last_outcome
 
-    def _consider(
+    def _examine(
         self,
         plan: WatchPlan,
         path: Path,
@@ -188,7 +214,8 @@ class Reconciler:
         st: os.stat_result,
         known: KnownFile | None,
         settled: bool,
-    ) -> str:
+    ) -> str | _Pending:
+        """An outcome when the file needs no write (or is a problem), else what to record."""
         if stat.S_ISLNK(st.st_mode):
             return self._problem(plan, path, relpath, st, FAILED, "symbolic link (not followed)")
         if not stat.S_ISREG(st.st_mode):
@@ -203,7 +230,7 @@ class Reconciler:
             if known.state in (FAILED, INCOMPLETE) and known.metadata_sha256 == "":
                 return "unchanged"  # parked before classification; waits for a change or `retry`
             # Same bytes as recorded: reuse the recorded hash, only the rules may have changed.
-            return self._classify_and_record(plan, path, relpath, st, known.content_sha256, known)
+            return self._classify(plan, path, relpath, st, known.content_sha256, known)
         if not settled and self._clock() - st.st_mtime < self._settle_seconds:
             if self._on_unsettled is not None:
                 self._on_unsettled(plan, path)
@@ -228,7 +255,7 @@ class Reconciler:
             return "gone"
         except OSError as exc:
             return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
-        return self._classify_and_record(plan, path, relpath, st, content_sha256, known)
+        return self._classify(plan, path, relpath, st, content_sha256, known)
 
     def _content_problem(self, path: Path) -> tuple[str, str] | None:
         """(state, reason) when the bytes cannot go as they are; None when they can."""
@@ -247,7 +274,7 @@ class Reconciler:
                 return INCOMPLETE, reason
         return None
 
-    def _classify_and_record(
+    def _classify(
         self,
         plan: WatchPlan,
         path: Path,
@@ -255,7 +282,7 @@ class Reconciler:
         st: os.stat_result,
         content_sha256: str | None,
         known: KnownFile | None,
-    ) -> str:
+    ) -> str | _Pending:
         if content_sha256 is None:
             try:
                 content_sha256 = file_sha256(path)
@@ -276,44 +303,53 @@ class Reconciler:
             and known.metadata_sha256 == classification.metadata_sha256
         ):
             return "unchanged"  # the fast path: nothing to write
-        other = self._store.other_owner_of_reference(
-            plan.dataset_id, classification.reference_id, plan.key, relpath
+        candidate = Candidate(
+            watch=plan.key,
+            relpath=relpath,
+            dataset_id=plan.dataset_id,
+            reference_id=classification.reference_id,
+            size_bytes=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            content_sha256=content_sha256,
+            metadata=classification.metadata,
+            metadata_sha256=classification.metadata_sha256,
+            remote_url=classification.remote_url,
         )
-        if other is not None:
-            return self._problem(
-                plan,
-                path,
-                relpath,
-                st,
-                FAILED,
-                f"reference_id {classification.reference_id!r} is already used by {other}",
-            )
-        outcome = self._store.record_candidate(
-            Candidate(
-                watch=plan.key,
-                relpath=relpath,
-                dataset_id=plan.dataset_id,
-                reference_id=classification.reference_id,
-                size_bytes=st.st_size,
-                mtime_ns=st.st_mtime_ns,
-                content_sha256=content_sha256,
-                metadata=classification.metadata,
-                metadata_sha256=classification.metadata_sha256,
-                remote_url=classification.remote_url,
-            ),
-            now=self._clock(),
-        )
-        if outcome in ("new", "changed"):
-            log.info(
-                "file_queued",
-                path=str(path),
-                reference_id=classification.reference_id,
-                dataset_id=plan.dataset_id,
-                why=outcome,
-            )
-            if self._on_queued is not None:
-                self._on_queued()
-        return outcome
+        return _Pending(candidate, path, st)
+
+    def _record(self, plan: WatchPlan, chunk: list[_Pending], report: ReconcileReport) -> None:
+        """Record a chunk of candidates in one transaction; empties `chunk`."""
+        if not chunk:
+            return
+        outcomes = self._store.record_candidates([p.candidate for p in chunk], now=self._clock())
+        queued = False
+        for pending, outcome in zip(chunk, outcomes, strict=True):
+            candidate = pending.candidate
+            if outcome == "collision":
+                other = self._store.other_owner_of_reference(
+                    candidate.dataset_id, candidate.reference_id, candidate.watch, candidate.relpath
+                )
+                outcome = self._problem(
+                    plan,
+                    pending.path,
+                    candidate.relpath,
+                    pending.st,
+                    FAILED,
+                    f"reference_id {candidate.reference_id!r} is already used by {other}",
+                )
+            elif outcome in ("new", "changed"):
+                queued = True
+                log.debug(
+                    "file_queued",
+                    path=str(pending.path),
+                    reference_id=candidate.reference_id,
+                    dataset_id=candidate.dataset_id,
+                    why=outcome,
+                )
+            report.add(outcome)
+        chunk.clear()
+        if queued and self._on_queued is not None:
+            self._on_queued()
 
     def _problem(
         self,

@@ -80,6 +80,10 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX files_reference ON files (dataset_id, reference_id);
     CREATE INDEX files_job ON files (job_id) WHERE job_id IS NOT NULL;
     """,
+    # Claiming in mtime order without sorting every pending row each time.
+    """
+    CREATE INDEX files_claim ON files (state, mtime_ns, id);
+    """,
 )
 
 
@@ -128,7 +132,7 @@ class Candidate:
     remote_url: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownFile:
     """The cheap part of a record, enough for a reconcile to skip an unchanged file."""
 
@@ -466,108 +470,132 @@ class StateStore:
 
     # -- writing: intake -------------------------------------------------------------------
 
-    @_waits_for_disk_space
     def record_candidate(self, candidate: Candidate, now: float | None = None) -> str:
         """Record what is on disk now; decide whether it must be sent. Returns what happened:
 
         "new" (never seen), "changed" (content or metadata differ from what the server has),
-        "unchanged" (nothing to send), "deferred" (in flight: re-queued when the send ends).
+        "unchanged" (nothing to send), "deferred" (in flight: re-queued when the send ends),
+        or "collision" (another file already sends this reference_id to this dataset).
         """
-        now = time.time() if now is None else now
-        metadata_json = json.dumps(candidate.metadata, sort_keys=True, ensure_ascii=False)
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT * FROM files WHERE watch = ? AND relpath = ?",
-                (candidate.watch, candidate.relpath),
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes,"
-                    " mtime_ns, content_sha256, metadata_json, metadata_sha256, remote_url, state,"
-                    " first_seen_at, changed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        candidate.watch,
-                        candidate.relpath,
-                        candidate.dataset_id,
-                        candidate.reference_id,
-                        candidate.size_bytes,
-                        candidate.mtime_ns,
-                        candidate.content_sha256,
-                        metadata_json,
-                        candidate.metadata_sha256,
-                        candidate.remote_url,
-                        PENDING,
-                        now,
-                        now,
-                    ),
-                )
-                return "new"
+        return self.record_candidates([candidate], now)[0]
 
-            version = (
+    @_waits_for_disk_space
+    def record_candidates(
+        self, candidates: Sequence[Candidate], now: float | None = None
+    ) -> list[str]:
+        """`record_candidate` for many files in one transaction (a walk records in chunks:
+        one fsync per chunk instead of one per file)."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            return [self._record_one(db, candidate, now) for candidate in candidates]
+
+    def _record_one(self, db: sqlite3.Connection, candidate: Candidate, now: float) -> str:
+        metadata_json = json.dumps(candidate.metadata, sort_keys=True, ensure_ascii=False)
+        other = db.execute(
+            "SELECT 1 FROM files WHERE dataset_id = ? AND reference_id = ? AND state != ?"
+            " AND NOT (watch = ? AND relpath = ?) LIMIT 1",
+            (
                 candidate.dataset_id,
                 candidate.reference_id,
-                candidate.content_sha256,
-                candidate.metadata_sha256,
-            )
-            confirmed = (
-                row["confirmed_dataset_id"],
-                row["confirmed_reference_id"],
-                row["confirmed_content_sha256"],
-                row["confirmed_metadata_sha256"],
-            )
-            current = (
-                row["dataset_id"],
-                row["reference_id"],
-                row["content_sha256"],
-                row["metadata_sha256"],
-            )
-            server_has_reference = (
-                row["confirmed_at"] is not None
-                and confirmed[0] == candidate.dataset_id
-                and confirmed[1] == candidate.reference_id
-            )
-            values = (
-                candidate.dataset_id,
-                candidate.reference_id,
-                candidate.size_bytes,
-                candidate.mtime_ns,
-                candidate.content_sha256,
-                metadata_json,
-                candidate.metadata_sha256,
-                candidate.remote_url,
-            )
-            set_values = (
-                "dataset_id = ?, reference_id = ?, size_bytes = ?, mtime_ns = ?,"
-                " content_sha256 = ?, metadata_json = ?, metadata_sha256 = ?, remote_url = ?"
-            )
-            state = row["state"]
-            if state == IN_FLIGHT:
-                sent = (row["sent_content_sha256"], row["sent_metadata_sha256"])
-                requeue = int(sent != (candidate.content_sha256, candidate.metadata_sha256))
-                db.execute(
-                    f"UPDATE files SET {set_values}, requeue = max(requeue, ?) WHERE id = ?",
-                    (*values, requeue, row["id"]),
-                )
-                return "deferred" if requeue else "unchanged"
-            if version == confirmed:
-                # The server already holds exactly this; a touch or a reappearing file.
-                db.execute(
-                    f"UPDATE files SET {set_values}, state = ?, last_error = NULL,"
-                    " changed_at = CASE WHEN state = ? THEN changed_at ELSE ? END WHERE id = ?",
-                    (*values, UPLOADED, UPLOADED, now, row["id"]),
-                )
-                return "unchanged"
-            if version == current and state in (PENDING, FAILED):
-                # Same thing we already queued or parked: keep its backoff or its reason.
-                db.execute(f"UPDATE files SET {set_values} WHERE id = ?", (*values, row["id"]))
-                return "unchanged"
+                GONE,
+                candidate.watch,
+                candidate.relpath,
+            ),
+        ).fetchone()
+        if other is not None:
+            return "collision"
+        row = db.execute(
+            "SELECT * FROM files WHERE watch = ? AND relpath = ?",
+            (candidate.watch, candidate.relpath),
+        ).fetchone()
+        if row is None:
             db.execute(
-                f"UPDATE files SET {set_values}, state = ?, update_flag = ?, attempts = 0,"
-                " next_attempt_at = 0, last_error = NULL, job_id = NULL, changed_at = ?"
-                " WHERE id = ?",
-                (*values, PENDING, int(server_has_reference), now, row["id"]),
+                "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes,"
+                " mtime_ns, content_sha256, metadata_json, metadata_sha256, remote_url, state,"
+                " first_seen_at, changed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    candidate.watch,
+                    candidate.relpath,
+                    candidate.dataset_id,
+                    candidate.reference_id,
+                    candidate.size_bytes,
+                    candidate.mtime_ns,
+                    candidate.content_sha256,
+                    metadata_json,
+                    candidate.metadata_sha256,
+                    candidate.remote_url,
+                    PENDING,
+                    now,
+                    now,
+                ),
             )
-            return "changed"
+            return "new"
+
+        version = (
+            candidate.dataset_id,
+            candidate.reference_id,
+            candidate.content_sha256,
+            candidate.metadata_sha256,
+        )
+        confirmed = (
+            row["confirmed_dataset_id"],
+            row["confirmed_reference_id"],
+            row["confirmed_content_sha256"],
+            row["confirmed_metadata_sha256"],
+        )
+        current = (
+            row["dataset_id"],
+            row["reference_id"],
+            row["content_sha256"],
+            row["metadata_sha256"],
+        )
+        server_has_reference = (
+            row["confirmed_at"] is not None
+            and confirmed[0] == candidate.dataset_id
+            and confirmed[1] == candidate.reference_id
+        )
+        values = (
+            candidate.dataset_id,
+            candidate.reference_id,
+            candidate.size_bytes,
+            candidate.mtime_ns,
+            candidate.content_sha256,
+            metadata_json,
+            candidate.metadata_sha256,
+            candidate.remote_url,
+        )
+        set_values = (
+            "dataset_id = ?, reference_id = ?, size_bytes = ?, mtime_ns = ?,"
+            " content_sha256 = ?, metadata_json = ?, metadata_sha256 = ?, remote_url = ?"
+        )
+        state = row["state"]
+        if state == IN_FLIGHT:
+            sent = (row["sent_content_sha256"], row["sent_metadata_sha256"])
+            requeue = int(sent != (candidate.content_sha256, candidate.metadata_sha256))
+            db.execute(
+                f"UPDATE files SET {set_values}, requeue = max(requeue, ?) WHERE id = ?",
+                (*values, requeue, row["id"]),
+            )
+            return "deferred" if requeue else "unchanged"
+        if version == confirmed:
+            # The server already holds exactly this; a touch or a reappearing file.
+            db.execute(
+                f"UPDATE files SET {set_values}, state = ?, last_error = NULL,"
+                " changed_at = CASE WHEN state = ? THEN changed_at ELSE ? END WHERE id = ?",
+                (*values, UPLOADED, UPLOADED, now, row["id"]),
+            )
+            return "unchanged"
+        if version == current and state in (PENDING, FAILED):
+            # Same thing we already queued or parked: keep its backoff or its reason.
+            db.execute(f"UPDATE files SET {set_values} WHERE id = ?", (*values, row["id"]))
+            return "unchanged"
+        db.execute(
+            f"UPDATE files SET {set_values}, state = ?, update_flag = ?, attempts = 0,"
+            " next_attempt_at = 0, last_error = NULL, job_id = NULL, changed_at = ?"
+            " WHERE id = ?",
+            (*values, PENDING, int(server_has_reference), now, row["id"]),
+        )
+        return "changed"
 
     @_waits_for_disk_space
     def record_problem(
@@ -628,21 +656,18 @@ class StateStore:
             return cursor.rowcount > 0
 
     @_waits_for_disk_space
-    def mark_missing_gone(self, watch: str, present: set[str], now: float | None = None) -> int:
-        """After a full walk of `watch`: every recorded file not in `present` is gone."""
+    def mark_gone_many(self, watch: str, relpaths: Sequence[str], now: float | None = None) -> int:
+        """After a full walk of `watch`: these recorded files are no longer on disk."""
         now = time.time() if now is None else now
-        known = self._query(
-            "SELECT relpath FROM files WHERE watch = ? AND state NOT IN (?, ?)",
-            (watch, GONE, IN_FLIGHT),
-        )
-        missing = [row["relpath"] for row in known if row["relpath"] not in present]
         with self._transaction() as db:
-            db.executemany(
-                "UPDATE files SET state = ?, changed_at = ?, content_sha256 = NULL"
-                " WHERE watch = ? AND relpath = ?",
-                [(GONE, now, watch, relpath) for relpath in missing],
+            return sum(
+                db.execute(
+                    "UPDATE files SET state = ?, changed_at = ?, content_sha256 = NULL"
+                    " WHERE watch = ? AND relpath = ? AND state NOT IN (?, ?)",
+                    (GONE, now, watch, relpath, GONE, IN_FLIGHT),
+                ).rowcount
+                for relpath in relpaths
             )
-        return len(missing)
 
     # -- writing: the upload queue ---------------------------------------------------------
 
