@@ -246,7 +246,7 @@ class Reconciler:
                 FAILED,
                 f"{st.st_size} bytes is over upload.max_file_bytes ({self._max_file_bytes})",
             )
-        problem = self._content_problem(path)
+        problem = self._content_problem(path, check_complete=not settled)
         if problem is not None:
             return self._problem(plan, path, relpath, st, *problem)
         try:
@@ -257,8 +257,11 @@ class Reconciler:
             return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
         return self._classify(plan, path, relpath, st, content_sha256, known)
 
-    def _content_problem(self, path: Path) -> tuple[str, str] | None:
-        """(state, reason) when the bytes cannot go as they are; None when they can."""
+    def _content_problem(self, path: Path, *, check_complete: bool) -> tuple[str, str] | None:
+        """(state, reason) when the bytes cannot go as they are; None when they can.
+
+        `check_complete` is False for files the settler just verified at this size and mtime.
+        """
         try:
             with open_regular_file(path) as f:
                 head = f.read(_HEAD_BYTES)
@@ -268,7 +271,7 @@ class Reconciler:
             return FAILED, f"unreadable: {exc.strerror}"
         if sniff_image_type(head) is None:
             return FAILED, "not an image (unknown file signature)"
-        if self._verify_image:
+        if self._verify_image and check_complete:
             reason = check_image_complete(path)
             if reason is not None:
                 return INCOMPLETE, reason

@@ -67,6 +67,12 @@ class UploadEvents:
         """An asynchronous job reached a final state."""
 
 
+# Wake-ups closer together than this are a burst; a worker then lingers once, this long, before
+# claiming, so a burst forms batches. A lone file (the trickle case) goes at once.
+_BURST_GAP_SECONDS = 0.02
+_BURST_LINGER_SECONDS = 0.02
+
+
 def retry_kind(exc: RetryableUploadError) -> str:
     """A short label for why a request is retried (metrics, logs): few values, never a path."""
     code = exc.status_code
@@ -121,6 +127,8 @@ class Uploader:
         self._consecutive_failures = 0
         self._busy_workers = 0
         self._wake_generation = 0
+        self._last_wake_at = 0.0
+        self._wakes_in_burst = 0
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -158,6 +166,10 @@ class Uploader:
     def wake(self) -> None:
         """New work was queued."""
         with self._lock:
+            now = time.monotonic()
+            close_to_last = now - self._last_wake_at < _BURST_GAP_SECONDS
+            self._wakes_in_burst = self._wakes_in_burst + 1 if close_to_last else 1
+            self._last_wake_at = now
             self._wake_generation += 1
             self._lock.notify_all()
 
@@ -226,6 +238,7 @@ class Uploader:
                     self._idle.notify_all()
 
     def _next_batch(self) -> list[FileRecord] | None:
+        lingered = False
         while True:
             with self._lock:
                 if self._stopping:
@@ -236,6 +249,16 @@ class Uploader:
                     continue
                 if now < self._hold_until:
                     self._lock.wait(self._hold_until - now)
+                    continue
+                since_wake = time.monotonic() - self._last_wake_at
+                if not lingered and self._wakes_in_burst > 1 and since_wake < _BURST_GAP_SECONDS:
+                    # Files are arriving in a burst: wait a moment (once) so they go out in
+                    # batches instead of one request each. A lone file never waits.
+                    lingered = True
+                    linger_until = time.monotonic() + _BURST_LINGER_SECONDS
+                    # Every wake() in the burst notifies us: keep waiting until the deadline.
+                    while not self._stopping and (left := linger_until - time.monotonic()) > 0:
+                        self._lock.wait(left)
                     continue
                 # Counted as busy while claiming, so `wait_until_drained` never sees a batch
                 # that left the queue but is not yet in anyone's hands.

@@ -1,0 +1,1 @@
+"""Benchmarks for nucleus-watcher: `python bench/run.py [--quick] [--out bench/RESULTS.md]`."""
