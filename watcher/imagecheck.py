@@ -93,12 +93,17 @@ def check_image_complete(path: Path) -> str | None:
         file_st = os.fstat(fd)
         if not stat.S_ISREG(file_st.st_mode):
             return "not a regular file"
-        reader = _ImageReader(fd, file_st.st_size)
-        return _check_by_format(reader)
+        return check_open_image_complete(fd, file_st.st_size)
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
     finally:
         os.close(fd)
+
+
+def check_open_image_complete(fd: int, size_bytes: int) -> str | None:
+    """`check_image_complete` on a regular file the caller already opened (positional reads
+    only, so the caller's file position is untouched)."""
+    return _check_by_format(_ImageReader(fd, size_bytes))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from watcher.imagecheck import check_image_complete, sniff_image_type
+from watcher.imagecheck import check_open_image_complete, sniff_image_type
 from watcher.localfile import open_regular_file
 from watcher.pathfilter import PathFilter
 from watcher.rules import PathRuleError, RuleSet
@@ -246,36 +246,31 @@ class Reconciler:
                 FAILED,
                 f"{st.st_size} bytes is over upload.max_file_bytes ({self._max_file_bytes})",
             )
-        problem = self._content_problem(path, check_complete=not settled)
-        if problem is not None:
-            return self._problem(plan, path, relpath, st, *problem)
         try:
-            content_sha256 = file_sha256(path)
+            inspected = self._inspect(path, check_complete=not settled)
         except FileNotFoundError:
             return "gone"
         except OSError as exc:
             return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
-        return self._classify(plan, path, relpath, st, content_sha256, known)
+        if isinstance(inspected, tuple):
+            return self._problem(plan, path, relpath, st, *inspected)
+        return self._classify(plan, path, relpath, st, inspected, known)
 
-    def _content_problem(self, path: Path, *, check_complete: bool) -> tuple[str, str] | None:
-        """(state, reason) when the bytes cannot go as they are; None when they can.
+    def _inspect(self, path: Path, *, check_complete: bool) -> str | tuple[str, str]:
+        """The content's sha256, or (state, reason) when the bytes cannot go as they are.
 
-        `check_complete` is False for files the settler just verified at this size and mtime.
+        One open for everything: the signature, the completeness check (skipped when the
+        settler just verified the file at this size and mtime) and the hash.
         """
-        try:
-            with open_regular_file(path) as f:
-                head = f.read(_HEAD_BYTES)
-        except FileNotFoundError:
-            return None  # gone since the stat: the hash step notices
-        except OSError as exc:
-            return FAILED, f"unreadable: {exc.strerror}"
-        if sniff_image_type(head) is None:
-            return FAILED, "not an image (unknown file signature)"
-        if self._verify_image and check_complete:
-            reason = check_image_complete(path)
-            if reason is not None:
-                return INCOMPLETE, reason
-        return None
+        with open_regular_file(path) as f:
+            fd = f.fileno()
+            if sniff_image_type(os.pread(fd, _HEAD_BYTES, 0)) is None:
+                return FAILED, "not an image (unknown file signature)"
+            if self._verify_image and check_complete:
+                reason = check_open_image_complete(fd, os.fstat(fd).st_size)
+                if reason is not None:
+                    return INCOMPLETE, reason
+            return hashlib.file_digest(f, "sha256").hexdigest()
 
     def _classify(
         self,

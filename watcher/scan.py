@@ -39,7 +39,7 @@ class ScanProgress(UploadEvents):
 
     def __init__(self, total: int, stream: TextIO) -> None:
         self.tally = ScanTally()
-        self._total = total
+        self.total = total
         self._stream = stream
         self._tty = stream.isatty()
         self._lock = threading.Lock()
@@ -60,19 +60,19 @@ class ScanProgress(UploadEvents):
             self.tally.bytes_sent += bytes_sent
 
     def _draw(self) -> None:
-        if not self._tty or self._total == 0:
+        if not self._tty or self.total == 0:
             return
         done = self.tally.new + self.tally.updated
         width = 30
-        filled = int(width * min(done, self._total) / self._total)
+        filled = int(width * min(done, self.total) / self.total)
         rate = done / max(1e-6, time.monotonic() - self._started)
         self._stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self._total} {rate:.0f} files/s"
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {rate:.0f} files/s"
         )
         self._stream.flush()
 
     def finish(self) -> None:
-        if self._tty and self._total:
+        if self._tty and self.total:
             self._stream.write("\n")
             self._stream.flush()
 
@@ -86,24 +86,32 @@ def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
         store.release_in_flight()
         store.reset_pending_attempts()
         unsettled: list[tuple[WatchPlan, Path]] = []
-        reconciler = pipeline.reconciler(
-            settings, store, on_unsettled=lambda plan, path: unsettled.append((plan, path))
-        )
-        report = reconciler.reconcile(plans)
-        # Files still being written when the walk saw them: give them the settle window, then
-        # take them as they are (verify_image still refuses a half-written image).
-        for _ in range(int(settings.settle.max_wait_seconds / max(settings.settle.seconds, 0.1))):
-            if not unsettled:
-                break
-            time.sleep(settings.settle.seconds)
-            waiting, unsettled[:] = list(unsettled), []
-            for plan, path in waiting:
-                report.add(reconciler.consider(plan, path, settled=False))
-        pending_total = store.state_counts()[PENDING]
-        progress = ScanProgress(pending_total, sys.stderr)
+        progress = ScanProgress(store.state_counts()[PENDING], sys.stderr)
         uploader = pipeline.uploader(settings, store, client, progress)
+        # Uploads start while the walk goes on: the walk records files in chunks and wakes
+        # the workers once per chunk, so batches stay full and the two overlap.
+        reconciler = pipeline.reconciler(
+            settings,
+            store,
+            on_unsettled=lambda plan, path: unsettled.append((plan, path)),
+            on_queued=uploader.wake,
+        )
         uploader.start()
         try:
+            report = reconciler.reconcile(plans)
+            progress.total = report.queued_new + report.queued_changed + progress.total
+            # Files still being written when the walk saw them: give them the settle window,
+            # then take them as they are (verify_image still refuses a half-written image).
+            rounds = int(settings.settle.max_wait_seconds / max(settings.settle.seconds, 0.1))
+            for _ in range(rounds):
+                if not unsettled:
+                    break
+                time.sleep(settings.settle.seconds)
+                waiting, unsettled[:] = list(unsettled), []
+                for plan, path in waiting:
+                    outcome = reconciler.consider(plan, path, settled=False)
+                    report.add(outcome)
+                    progress.total += outcome in ("new", "changed")
             drained = uploader.wait_until_drained(SCAN_MAX_ATTEMPTS)
         finally:
             uploader.stop(settings.upload.stop_timeout_seconds)
