@@ -19,7 +19,6 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -576,14 +575,17 @@ class _PathVariables:
     def __init__(
         self, relpath: str, device: str, mtime_ns: int, sha256: Callable[[], str] | None
     ) -> None:
-        pure = PurePosixPath(relpath)
-        parent = str(pure.parent)
+        # Plain string work, not PurePosixPath: this runs once per file of every walk. The
+        # results match PurePosixPath's name, stem, suffix and parent ("" at the root).
+        parent, _, name = relpath.rpartition("/")
+        dot = name.rfind(".")
+        has_suffix = 0 < dot < len(name) - 1
         self._values: dict[str, str] = {
             "relpath": relpath,
-            "name": pure.name,
-            "stem": pure.stem,
-            "ext": pure.suffix[1:].lower(),
-            "parent": "" if parent == "." else parent,
+            "name": name,
+            "stem": name[:dot] if has_suffix else name,
+            "ext": name[dot + 1 :].lower() if has_suffix else "",
+            "parent": parent,
             "device": device,
         }
         self._mtime_ns = mtime_ns
