@@ -93,8 +93,9 @@ def test_move_after_upload_keeps_the_relative_path(
     daemon.start()
     data = write_jpeg(root / "Foggy" / "deep" / "b.jpg", seed=4)
     assert wait_until(lambda: (archive / "Foggy" / "deep" / "b.jpg").exists(), 20)
+    # The move links the archive copy first, then unlinks the original: wait for both.
+    assert wait_until(lambda: not (root / "Foggy" / "deep" / "b.jpg").exists(), 10)
     assert (archive / "Foggy" / "deep" / "b.jpg").read_bytes() == data
-    assert not (root / "Foggy" / "deep" / "b.jpg").exists()
     assert daemon.stop() == 0
 
 
