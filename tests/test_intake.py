@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
