@@ -311,8 +311,10 @@ def test_kernel_queue_overflow_asks_for_a_rescan(
     rescans_before = len(calls.rescans)
     write_jpeg(root / "after.jpg")
     assert calls.wait_until(
-        lambda: any(c[1] == root / "after.jpg" for c in calls.candidates)
-        or len(calls.rescans) > rescans_before
+        lambda: (
+            any(c[1] == root / "after.jpg" for c in calls.candidates)
+            or len(calls.rescans) > rescans_before
+        )
     )
 
 
