@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 failures, 2 usage or config error. A user mistake never prin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -143,7 +142,3 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return print_status(settings, as_json=args.json)
     raise AssertionError(args.command)
-
-
-def print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))

@@ -195,11 +195,6 @@ class Uploader:
     def paused_reason(self) -> str | None:
         return self._paused_reason
 
-    def idle(self) -> bool:
-        """No request in flight right now (the store may still hold due work)."""
-        with self._lock:
-            return self._busy_workers == 0
-
     def wait_until_drained(self, max_attempts: int, timeout_seconds: float | None = None) -> bool:
         """For `scan`: wait until nothing is in flight and every pending item has had
         `max_attempts` tries. Returns False on timeout or when uploads are paused by a 401."""
