@@ -442,13 +442,16 @@ class StateStore:
         )
         return int(rows[0]["n"]), int(rows[0]["b"])
 
-    def unfinished_count(self, max_attempts: int) -> int:
-        """Items in flight, plus pending ones that have had fewer than `max_attempts` tries."""
+    def has_unfinished(self, max_attempts: int) -> bool:
+        """Anything in flight, or pending with fewer than `max_attempts` tries? Two indexed
+        look-ups that stop at the first row, not a count: `scan` asks this several times a
+        second while a large backlog drains."""
         rows = self._query(
-            "SELECT count(*) AS n FROM files WHERE state = ? OR (state = ? AND attempts < ?)",
+            "SELECT EXISTS (SELECT 1 FROM files WHERE state = ?)"
+            " OR EXISTS (SELECT 1 FROM files WHERE state = ? AND attempts < ?) AS unfinished",
             (IN_FLIGHT, PENDING, max_attempts),
         )
-        return int(rows[0]["n"])
+        return bool(rows[0]["unfinished"])
 
     def uploaded_oldest_first(self, watch: str, limit: int = 100) -> list[FileRecord]:
         """Confirmed files still on disk, oldest first: what a full disk may give up first."""
@@ -684,7 +687,10 @@ class StateStore:
         order = "DESC" if newest_first else "ASC"
         with self._transaction() as db:
             first = db.execute(
-                "SELECT id, dataset_id, remote_url IS NOT NULL AS remote, update_flag FROM files"
+                # INDEXED BY: without it SQLite prefers files_queue for the range on
+                # next_attempt_at and then sorts every pending row, on every claim.
+                "SELECT id, dataset_id, remote_url IS NOT NULL AS remote, update_flag"
+                " FROM files INDEXED BY files_claim"
                 f" WHERE state = ? AND next_attempt_at <= ? ORDER BY mtime_ns {order}, id {order}"
                 " LIMIT 1",
                 (PENDING, now),
@@ -697,7 +703,8 @@ class StateStore:
             else:
                 kind_filter, kind_params = "remote_url IS NULL", ()
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM files WHERE state = ? AND next_attempt_at <= ?"
+                f"SELECT {_COLUMNS} FROM files INDEXED BY files_claim"
+                " WHERE state = ? AND next_attempt_at <= ?"
                 f" AND dataset_id = ? AND {kind_filter}"
                 f" ORDER BY mtime_ns {order}, id {order} LIMIT ?",
                 (PENDING, now, first["dataset_id"], *kind_params, max_items),

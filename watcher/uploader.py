@@ -200,10 +200,12 @@ class Uploader:
         `max_attempts` tries. Returns False on timeout or when uploads are paused by a 401."""
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         while True:
+            # Asked outside our lock: workers must not wait on a store query to finish a batch.
+            unfinished = self._store.has_unfinished(max_attempts)
             with self._lock:
                 if self._paused_reason is not None:
                     return False
-                if self._store.unfinished_count(max_attempts) == 0 and self._busy_workers == 0:
+                if not unfinished and self._busy_workers == 0:
                     return True
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
