@@ -339,19 +339,21 @@ class StateStore:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
+    def _records(self, where: str, params: Sequence[Any]) -> list[FileRecord]:
+        """Whole records: `where` is the SQL after WHERE (conditions, order, limit)."""
+        return [
+            _record(row)
+            for row in self._query(f"SELECT {_COLUMNS} FROM files WHERE {where}", params)
+        ]
+
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, watch: str, relpath: str) -> FileRecord | None:
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM files WHERE watch = ? AND relpath = ?", (watch, relpath)
-        )
-        return _record(rows[0]) if rows else None
+        records = self._records("watch = ? AND relpath = ?", (watch, relpath))
+        return records[0] if records else None
 
     def get_many(self, ids: Sequence[int]) -> list[FileRecord]:
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM files WHERE id IN ({_placeholders(len(ids))})", list(ids)
-        )
-        return [_record(row) for row in rows]
+        return self._records(f"id IN ({_placeholders(len(ids))})", list(ids))
 
     def known_files(self, watch: str) -> dict[str, KnownFile]:
         """Everything a reconcile needs to skip unchanged files, in one indexed query."""
@@ -419,19 +421,10 @@ class StateStore:
         return float(value) if value is not None else None
 
     def records_in_state(self, state: str, limit: int = 1000) -> list[FileRecord]:
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM files WHERE state = ? ORDER BY changed_at DESC LIMIT ?",
-            (state, limit),
-        )
-        return [_record(row) for row in rows]
+        return self._records("state = ? ORDER BY changed_at DESC LIMIT ?", (state, limit))
 
     def recent_errors(self, limit: int = 10) -> list[FileRecord]:
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM files WHERE last_error IS NOT NULL"
-            " ORDER BY changed_at DESC LIMIT ?",
-            (limit,),
-        )
-        return [_record(row) for row in rows]
+        return self._records("last_error IS NOT NULL ORDER BY changed_at DESC LIMIT ?", (limit,))
 
     def confirmed_since(self, since: float) -> tuple[int, int]:
         """(files, bytes) confirmed after `since` (unix seconds): the recent throughput."""
@@ -455,12 +448,10 @@ class StateStore:
 
     def uploaded_oldest_first(self, watch: str, limit: int = 100) -> list[FileRecord]:
         """Confirmed files still on disk, oldest first: what a full disk may give up first."""
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM files WHERE watch = ? AND state = ?"
-            " ORDER BY mtime_ns ASC, id ASC LIMIT ?",
+        return self._records(
+            "watch = ? AND state = ? ORDER BY mtime_ns ASC, id ASC LIMIT ?",
             (watch, UPLOADED, limit),
         )
-        return [_record(row) for row in rows]
 
     def jobs_in_flight(self) -> dict[str, list[int]]:
         """job_id -> ids of the files it carries, for jobs submitted but not yet finished."""
