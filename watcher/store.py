@@ -502,26 +502,22 @@ class StateStore:
             "SELECT * FROM files WHERE watch = ? AND relpath = ?",
             (candidate.watch, candidate.relpath),
         ).fetchone()
+        values = (
+            candidate.dataset_id,
+            candidate.reference_id,
+            candidate.size_bytes,
+            candidate.mtime_ns,
+            candidate.content_sha256,
+            metadata_json,
+            candidate.metadata_sha256,
+            candidate.remote_url,
+        )
         if row is None:
             db.execute(
                 "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes,"
                 " mtime_ns, content_sha256, metadata_json, metadata_sha256, remote_url, state,"
                 " first_seen_at, changed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    candidate.watch,
-                    candidate.relpath,
-                    candidate.dataset_id,
-                    candidate.reference_id,
-                    candidate.size_bytes,
-                    candidate.mtime_ns,
-                    candidate.content_sha256,
-                    metadata_json,
-                    candidate.metadata_sha256,
-                    candidate.remote_url,
-                    PENDING,
-                    now,
-                    now,
-                ),
+                (candidate.watch, candidate.relpath, *values, PENDING, now, now),
             )
             return "new"
 
@@ -547,16 +543,6 @@ class StateStore:
             row["confirmed_at"] is not None
             and confirmed[0] == candidate.dataset_id
             and confirmed[1] == candidate.reference_id
-        )
-        values = (
-            candidate.dataset_id,
-            candidate.reference_id,
-            candidate.size_bytes,
-            candidate.mtime_ns,
-            candidate.content_sha256,
-            metadata_json,
-            candidate.metadata_sha256,
-            candidate.remote_url,
         )
         set_values = (
             "dataset_id = ?, reference_id = ?, size_bytes = ?, mtime_ns = ?,"
