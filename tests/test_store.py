@@ -51,7 +51,7 @@ def send_and_confirm(store: StateStore) -> list[int]:
 def test_database_settings_and_schema_version(store: StateStore, tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "state.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.close()
 
 
@@ -207,3 +207,142 @@ def test_a_second_writer_process_is_refused_with_the_owner_pid(tmp_path: Path) -
     )
     first.close()
     StateStore.open(tmp_path / "state.db").close()  # released on close
+
+
+# -- after an unknown outcome the server may hold what we sent: the next send is an update ------
+
+
+def test_change_after_an_unanswered_send_goes_as_update(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    [first] = store.claim_batch(10)
+    assert first.update_flag is False  # never sent before: a plain create
+    store.mark_retry([first.id], "timed out", next_attempt_at=0)  # the answer never came
+    assert store.record_candidate(candidate(sha="c2")) == "changed"
+    [second] = store.claim_batch(10)
+    assert second.content_sha256 == "c2" and second.update_flag is True
+
+
+def test_change_after_a_send_cut_off_by_a_restart_goes_as_update(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path / "state.db")
+    store.record_candidate(candidate())
+    store.claim_batch(10)
+    store.close()  # kill -9 mid-request: the row is still in flight
+    reopened = StateStore.open(tmp_path / "state.db")
+    assert reopened.release_in_flight() == 1
+    assert reopened.record_candidate(candidate(sha="c2")) == "changed"
+    [again] = reopened.claim_batch(10)
+    assert again.content_sha256 == "c2" and again.update_flag is True
+    reopened.close()
+
+
+def test_revert_after_an_unanswered_update_is_sent_again(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    send_and_confirm(store)
+    store.record_candidate(candidate(sha="c2"))
+    [update] = store.claim_batch(10)
+    store.mark_retry([update.id], "connection reset", next_attempt_at=0)  # server may hold c2
+    # Back to the bytes the server confirmed before: it may now hold c2, so c1 must go again.
+    assert store.record_candidate(candidate(sha="c1")) == "changed"
+    [again] = store.claim_batch(10)
+    assert again.content_sha256 == "c1" and again.update_flag is True
+
+
+def test_reference_id_of_a_gone_file_passes_to_the_next_file_as_update(store: StateStore) -> None:
+    # A camera counter restarting at IMG_0001 with reference_id = "{name}".
+    store.record_candidate(candidate("day1/IMG_0001.jpg", reference_id="IMG_0001.jpg"))
+    send_and_confirm(store)
+    store.mark_gone("/srv/cam", "day1/IMG_0001.jpg")
+    outcome = store.record_candidate(
+        candidate("day2/IMG_0001.jpg", reference_id="IMG_0001.jpg", sha="c2")
+    )
+    assert outcome == "new"
+    [reused] = store.claim_batch(10)
+    assert reused.relpath == "day2/IMG_0001.jpg" and reused.update_flag is True
+
+
+def test_resend_of_the_same_version_after_a_lost_answer_is_not_an_update(
+    store: StateStore,
+) -> None:
+    store.record_candidate(candidate())
+    [first] = store.claim_batch(10)
+    store.mark_retry([first.id], "answer lost", next_attempt_at=0)
+    [again] = store.claim_batch(10)  # the server holds exactly this or nothing: `ignored` is fine
+    assert again.update_flag is False
+
+
+# -- a delete while the request is out --------------------------------------------------------
+
+
+def test_file_deleted_while_in_flight_ends_gone_after_the_answer(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    [item] = store.claim_batch(10)
+    assert store.mark_gone("/srv/cam", "Sunny/a.jpg") is True
+    store.mark_confirmed([item.id])
+    record = store.get("/srv/cam", "Sunny/a.jpg")
+    assert record is not None and record.state == GONE
+    # What the server confirmed is still known: the same file coming back is not re-sent.
+    assert store.record_candidate(candidate()) == "unchanged"
+
+
+def test_file_deleted_while_in_flight_and_the_send_failed_is_gone(store: StateStore) -> None:
+    store.record_candidate(candidate("a.jpg"))
+    store.record_candidate(candidate("b.jpg"))
+    batch = store.claim_batch(10)
+    assert store.mark_gone_many("/srv/cam", ["a.jpg"]) == 1
+    store.mark_retry([r.id for r in batch], "HTTP 503", next_attempt_at=0)
+    states = {r.relpath: r.state for r in store.get_many([r.id for r in batch])}
+    assert states == {"a.jpg": GONE, "b.jpg": PENDING}
+    assert [r.relpath for r in store.claim_batch(10)] == ["b.jpg"]
+
+
+def test_file_deleted_while_in_flight_before_a_restart_is_gone(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path / "state.db")
+    store.record_candidate(candidate())
+    store.claim_batch(10)
+    store.mark_gone("/srv/cam", "Sunny/a.jpg")
+    store.close()
+    reopened = StateStore.open(tmp_path / "state.db")
+    reopened.release_in_flight()
+    assert reopened.claim_batch(10) == []
+    assert reopened.get("/srv/cam", "Sunny/a.jpg").state == GONE  # type: ignore[union-attr]
+    reopened.close()
+
+
+def test_file_back_while_in_flight_is_not_gone(store: StateStore) -> None:
+    store.record_candidate(candidate())
+    [item] = store.claim_batch(10)
+    store.mark_gone("/srv/cam", "Sunny/a.jpg")
+    store.record_candidate(candidate())  # deleted and written again while the request was out
+    store.mark_confirmed([item.id])
+    assert store.get("/srv/cam", "Sunny/a.jpg").state == UPLOADED  # type: ignore[union-attr]
+
+
+def test_upgrade_from_schema_2_knows_what_was_sent(tmp_path: Path) -> None:
+    from watcher.store import _MIGRATIONS
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in _MIGRATIONS[:2]:
+        db.executescript(step)
+    db.execute("PRAGMA user_version = 2")
+    row = (
+        "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes, mtime_ns,"
+        " content_sha256, metadata_json, metadata_sha256, state, attempts, confirmed_dataset_id,"
+        " confirmed_reference_id, confirmed_content_sha256, confirmed_metadata_sha256,"
+        " sent_content_sha256, sent_metadata_sha256, first_seen_at, changed_at)"
+        " VALUES ('/srv/cam', ?, 'ds_1', ?, 1, 1, ?, '{}', 'm1', ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
+    )
+    confirmed = ("ds_1", "a.jpg", "c0", "m1")
+    db.execute(row, ("a.jpg", "a.jpg", "c1", PENDING, 0, *confirmed, "c0", "m1"))
+    db.execute(row, ("b.jpg", "b.jpg", "c1", IN_FLIGHT, 0, None, None, None, None, "c1", "m1"))
+    db.execute(row, ("c.jpg", "c.jpg", "c1", PENDING, 2, None, None, None, None, "c0", "m1"))
+    db.execute(row, ("d.jpg", "d.jpg", "c1", PENDING, 2, None, None, None, None, "c1", "m1"))
+    db.execute(row, ("e.jpg", "e.jpg", "c1", PENDING, 0, None, None, None, None, None, None))
+    db.close()
+    store = StateStore.open(path)
+    store.release_in_flight()
+    updates = {r.relpath: r.update_flag for r in store.claim_batch(10)}
+    # a: changed since confirmed; b: cut off, same version again; c: an unanswered send of
+    # other bytes; d: unanswered sends of these bytes; e: never sent.
+    assert updates == {"a.jpg": True, "b.jpg": False, "c.jpg": True, "d.jpg": False, "e.jpg": False}
+    store.close()

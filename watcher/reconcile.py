@@ -324,18 +324,8 @@ class Reconciler:
         for pending, outcome in zip(chunk, outcomes, strict=True):
             candidate = pending.candidate
             if outcome == "collision":
-                other = self._store.other_owner_of_reference(
-                    candidate.dataset_id, candidate.reference_id, candidate.watch, candidate.relpath
-                )
-                outcome = self._problem(
-                    plan,
-                    pending.path,
-                    candidate.relpath,
-                    pending.st,
-                    FAILED,
-                    f"reference_id {candidate.reference_id!r} is already used by {other}",
-                )
-            elif outcome in ("new", "changed"):
+                outcome = self._settle_collision(plan, pending)
+            if outcome in ("new", "changed"):
                 queued = True
                 log.debug(
                     "file_queued",
@@ -348,6 +338,31 @@ class Reconciler:
         chunk.clear()
         if queued and self._on_queued is not None:
             self._on_queued()
+
+    def _settle_collision(self, plan: WatchPlan, pending: _Pending) -> str:
+        """Another row holds the reference_id. If its file is no longer on disk (a folder moved
+        while we were down, whose old rows the walk has not marked gone yet; a name reused
+        after a delete we missed), the reference_id passes to this file; else this one is
+        parked."""
+        candidate = pending.candidate
+        while True:
+            other = self._store.other_owner_of_reference(
+                candidate.dataset_id, candidate.reference_id, candidate.watch, candidate.relpath
+            )
+            if other is None:
+                return self._store.record_candidate(candidate, now=self._clock())
+            other_path = Path(other[0]) / other[1]
+            # Each pass retires one stale owner, so this ends.
+            if os.path.lexists(other_path) or not self._store.mark_gone(*other, now=self._clock()):
+                break
+        return self._problem(
+            plan,
+            pending.path,
+            candidate.relpath,
+            pending.st,
+            FAILED,
+            f"reference_id {candidate.reference_id!r} is already used by {other_path}",
+        )
 
     def _problem(
         self,

@@ -84,6 +84,55 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX files_claim ON files (state, mtime_ns, id);
     """,
+    # Every (dataset, reference_id) a send was ever attempted for, with the version it carried
+    # (`varied` once two different versions were attempted). A send whose answer never came
+    # may have been stored, so a later send of that reference_id with other bytes or metadata,
+    # by this file or by one that takes the name over, must be an update; a re-send of the same
+    # version need not (the server holds it already, or nothing). `vanished` marks a file
+    # deleted while its request was out; it ends `gone` when the answer comes.
+    # `sent_dataset_id` and `sent_reference_id` say what the request in flight carried.
+    """
+    CREATE TABLE sent_references (
+        dataset_id TEXT NOT NULL,
+        reference_id TEXT NOT NULL,
+        content_sha256 TEXT,
+        metadata_sha256 TEXT,
+        varied INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (dataset_id, reference_id)
+    ) WITHOUT ROWID;
+    INSERT INTO sent_references (dataset_id, reference_id, content_sha256, metadata_sha256)
+        SELECT confirmed_dataset_id, confirmed_reference_id, confirmed_content_sha256,
+            confirmed_metadata_sha256 FROM files
+        WHERE confirmed_reference_id IS NOT NULL AND confirmed_reference_id != ''
+        ON CONFLICT (dataset_id, reference_id) DO UPDATE SET varied = 1;
+    INSERT INTO sent_references (dataset_id, reference_id, content_sha256, metadata_sha256)
+        SELECT dataset_id, reference_id, sent_content_sha256, sent_metadata_sha256 FROM files
+        WHERE reference_id != '' AND sent_content_sha256 IS NOT NULL
+            AND (state = 'in_flight' OR attempts > 0)
+        ON CONFLICT (dataset_id, reference_id) DO UPDATE SET varied = varied
+            OR excluded.content_sha256 IS NOT content_sha256
+            OR excluded.metadata_sha256 IS NOT metadata_sha256;
+    ALTER TABLE files ADD COLUMN vanished INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE files ADD COLUMN sent_dataset_id TEXT;
+    ALTER TABLE files ADD COLUMN sent_reference_id TEXT;
+    UPDATE files SET sent_dataset_id = dataset_id, sent_reference_id = reference_id
+        WHERE state = 'in_flight';
+    """,
+)
+
+# Could the server hold another version under this row's reference_id (from any earlier
+# send)? Then sending this version needs update=true.
+_MAYBE_ON_SERVER = (
+    "EXISTS (SELECT 1 FROM sent_references s"
+    " WHERE s.dataset_id = files.dataset_id AND s.reference_id = files.reference_id"
+    " AND (s.varied OR s.content_sha256 IS NOT files.content_sha256"
+    " OR s.metadata_sha256 IS NOT files.metadata_sha256))"
+)
+# Is what this row would send exactly what the server confirmed last?
+_SAME_AS_CONFIRMED = (
+    "(dataset_id IS confirmed_dataset_id AND reference_id IS confirmed_reference_id"
+    " AND content_sha256 IS confirmed_content_sha256"
+    " AND metadata_sha256 IS confirmed_metadata_sha256)"
 )
 
 
@@ -195,6 +244,13 @@ _COLUMNS = (
     "id, watch, relpath, dataset_id, reference_id, size_bytes, mtime_ns, content_sha256,"
     " metadata_json, metadata_sha256, remote_url, state, update_flag, attempts,"
     " next_attempt_at, last_error, job_id, confirmed_at, first_seen_at"
+)
+
+
+# A claim reads the update flag the send will carry: forced (on_conflict), or because an earlier
+# send of the same reference_id may have reached the server.
+_CLAIM_COLUMNS = _COLUMNS.replace(
+    " update_flag,", f" (update_flag OR {_MAYBE_ON_SERVER}) AS update_flag,"
 )
 
 
@@ -383,14 +439,15 @@ class StateStore:
 
     def other_owner_of_reference(
         self, dataset_id: str, reference_id: str, watch: str, relpath: str
-    ) -> Path | None:
-        """Another live file that already sends `reference_id` to this dataset, if any."""
+    ) -> tuple[str, str] | None:
+        """(watch, relpath) of another live file that already sends `reference_id` to this
+        dataset, if any."""
         rows = self._query(
             "SELECT watch, relpath FROM files WHERE dataset_id = ? AND reference_id = ?"
-            " AND state != ? AND NOT (watch = ? AND relpath = ?) LIMIT 1",
+            " AND state != ? AND vanished = 0 AND NOT (watch = ? AND relpath = ?) LIMIT 1",
             (dataset_id, reference_id, GONE, watch, relpath),
         )
-        return Path(rows[0]["watch"]) / rows[0]["relpath"] if rows else None
+        return (rows[0]["watch"], rows[0]["relpath"]) if rows else None
 
     def counts(self) -> dict[str, dict[str, int]]:
         """watch -> state -> count."""
@@ -487,7 +544,7 @@ class StateStore:
         metadata_json = json.dumps(candidate.metadata, sort_keys=True, ensure_ascii=False)
         other = db.execute(
             "SELECT 1 FROM files WHERE dataset_id = ? AND reference_id = ? AND state != ?"
-            " AND NOT (watch = ? AND relpath = ?) LIMIT 1",
+            " AND vanished = 0 AND NOT (watch = ? AND relpath = ?) LIMIT 1",
             (
                 candidate.dataset_id,
                 candidate.reference_id,
@@ -539,21 +596,23 @@ class StateStore:
             row["content_sha256"],
             row["metadata_sha256"],
         )
-        server_has_reference = (
-            row["confirmed_at"] is not None
-            and confirmed[0] == candidate.dataset_id
-            and confirmed[1] == candidate.reference_id
-        )
         set_values = (
             "dataset_id = ?, reference_id = ?, size_bytes = ?, mtime_ns = ?,"
             " content_sha256 = ?, metadata_json = ?, metadata_sha256 = ?, remote_url = ?"
         )
         state = row["state"]
         if state == IN_FLIGHT:
-            sent = (row["sent_content_sha256"], row["sent_metadata_sha256"])
-            requeue = int(sent != (candidate.content_sha256, candidate.metadata_sha256))
+            sent = (
+                row["sent_dataset_id"],
+                row["sent_reference_id"],
+                row["sent_content_sha256"],
+                row["sent_metadata_sha256"],
+            )
+            requeue = int(sent != version)
+            # The file is here again if a delete was seen while the request was out.
             db.execute(
-                f"UPDATE files SET {set_values}, requeue = max(requeue, ?) WHERE id = ?",
+                f"UPDATE files SET {set_values}, requeue = max(requeue, ?), vanished = 0"
+                " WHERE id = ?",
                 (*values, requeue, row["id"]),
             )
             return "deferred" if requeue else "unchanged"
@@ -570,10 +629,11 @@ class StateStore:
             db.execute(f"UPDATE files SET {set_values} WHERE id = ?", (*values, row["id"]))
             return "unchanged"
         db.execute(
-            f"UPDATE files SET {set_values}, state = ?, update_flag = ?, attempts = 0,"
+            f"UPDATE files SET {set_values}, state = ?, update_flag = 0, attempts = 0,"
             " next_attempt_at = 0, last_error = NULL, job_id = NULL, changed_at = ?"
             " WHERE id = ?",
-            (*values, PENDING, int(server_has_reference), now, row["id"]),
+            # update_flag: the claim decides it from what was ever sent (sent_references).
+            (*values, PENDING, now, row["id"]),
         )
         return "changed"
 
@@ -617,9 +677,12 @@ class StateStore:
                     ),
                 )
             elif row["state"] != IN_FLIGHT:
+                # Not sendable as it is, so it holds no reference_id: a file that takes the
+                # name over (or wins a collision) must not collide with this row.
                 db.execute(
                     "UPDATE files SET size_bytes = ?, mtime_ns = ?, state = ?, last_error = ?,"
-                    " content_sha256 = NULL, metadata_sha256 = '', changed_at = ? WHERE id = ?",
+                    " content_sha256 = NULL, metadata_sha256 = '', reference_id = '',"
+                    " changed_at = ? WHERE id = ?",
                     (size_bytes, mtime_ns, state, reason, now, row["id"]),
                 )
 
@@ -628,26 +691,14 @@ class StateStore:
         """The file was deleted locally. Its item stays in the dataset; the record says so."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE files SET state = ?, changed_at = ?, content_sha256 = NULL"
-                " WHERE watch = ? AND relpath = ? AND state NOT IN (?, ?)",
-                (GONE, now, watch, relpath, GONE, IN_FLIGHT),
-            )
-            return cursor.rowcount > 0
+            return _mark_gone(db, watch, relpath, now)
 
     @_waits_for_disk_space
     def mark_gone_many(self, watch: str, relpaths: Sequence[str], now: float | None = None) -> int:
         """After a full walk of `watch`: these recorded files are no longer on disk."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            return sum(
-                db.execute(
-                    "UPDATE files SET state = ?, changed_at = ?, content_sha256 = NULL"
-                    " WHERE watch = ? AND relpath = ? AND state NOT IN (?, ?)",
-                    (GONE, now, watch, relpath, GONE, IN_FLIGHT),
-                ).rowcount
-                for relpath in relpaths
-            )
+            return sum(_mark_gone(db, watch, relpath, now) for relpath in relpaths)
 
     # -- writing: the upload queue ---------------------------------------------------------
 
@@ -666,7 +717,8 @@ class StateStore:
             first = db.execute(
                 # INDEXED BY: without it SQLite prefers files_queue for the range on
                 # next_attempt_at and then sorts every pending row, on every claim.
-                "SELECT id, dataset_id, remote_url IS NOT NULL AS remote, update_flag"
+                "SELECT id, dataset_id, remote_url IS NOT NULL AS remote,"
+                f" (update_flag OR {_MAYBE_ON_SERVER}) AS send_update"
                 " FROM files INDEXED BY files_claim"
                 f" WHERE state = ? AND next_attempt_at <= ? ORDER BY mtime_ns {order}, id {order}"
                 " LIMIT 1",
@@ -675,23 +727,43 @@ class StateStore:
             if first is None:
                 return []
             if first["remote"]:
-                kind_filter = "remote_url IS NOT NULL AND update_flag = ?"
-                kind_params: tuple[Any, ...] = (first["update_flag"],)
+                kind_filter = f"remote_url IS NOT NULL AND (update_flag OR {_MAYBE_ON_SERVER}) = ?"
+                kind_params: tuple[Any, ...] = (first["send_update"],)
             else:
                 kind_filter, kind_params = "remote_url IS NULL", ()
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM files INDEXED BY files_claim"
+                f"SELECT {_CLAIM_COLUMNS} FROM files INDEXED BY files_claim"
                 " WHERE state = ? AND next_attempt_at <= ?"
                 f" AND dataset_id = ? AND {kind_filter}"
                 f" ORDER BY mtime_ns {order}, id {order} LIMIT ?",
                 (PENDING, now, first["dataset_id"], *kind_params, max_items),
             ).fetchall()
             ids = [row["id"] for row in rows]
+            in_ids = f"id IN ({_placeholders(len(ids))})"
+            # From here the server's copy is unknown until an answer comes: a lost answer may
+            # have stored this version, so what was confirmed before no longer counts.
+            forget_confirmed = ", ".join(
+                f"confirmed_{column} = CASE WHEN {_SAME_AS_CONFIRMED} THEN confirmed_{column}"
+                " ELSE NULL END"
+                for column in ("dataset_id", "reference_id", "content_sha256", "metadata_sha256")
+            )
             db.execute(
                 f"UPDATE files SET state = ?, requeue = 0, sent_content_sha256 = content_sha256,"
-                f" sent_metadata_sha256 = metadata_sha256, job_id = NULL"
-                f" WHERE id IN ({_placeholders(len(ids))})",
+                f" sent_metadata_sha256 = metadata_sha256, sent_dataset_id = dataset_id,"
+                f" sent_reference_id = reference_id, job_id = NULL,"
+                f" update_flag = (update_flag OR {_MAYBE_ON_SERVER}), {forget_confirmed}"
+                f" WHERE {in_ids}",
                 (IN_FLIGHT, *ids),
+            )
+            db.execute(
+                "INSERT INTO sent_references"
+                " (dataset_id, reference_id, content_sha256, metadata_sha256)"
+                " SELECT dataset_id, reference_id, content_sha256, metadata_sha256 FROM files"
+                f" WHERE {in_ids}"
+                " ON CONFLICT (dataset_id, reference_id) DO UPDATE SET varied = varied"
+                " OR excluded.content_sha256 IS NOT content_sha256"
+                " OR excluded.metadata_sha256 IS NOT metadata_sha256",
+                ids,
             )
         return [_record(row) for row in rows]
 
@@ -710,17 +782,19 @@ class StateStore:
         now = time.time() if now is None else now
         with self._transaction() as db:
             db.execute(
-                "UPDATE files SET confirmed_dataset_id = dataset_id,"
-                " confirmed_reference_id = reference_id,"
+                "UPDATE files SET confirmed_dataset_id = sent_dataset_id,"
+                " confirmed_reference_id = sent_reference_id,"
                 " confirmed_content_sha256 = sent_content_sha256,"
                 " confirmed_metadata_sha256 = sent_metadata_sha256, confirmed_at = ?,"
                 " attempts = 0, next_attempt_at = 0, last_error = NULL, job_id = NULL,"
                 " changed_at = ?,"
-                # A change that arrived while the send was in flight goes out next, as an update.
-                " state = CASE WHEN requeue THEN ? ELSE ? END,"
-                " update_flag = CASE WHEN requeue THEN 1 ELSE update_flag END, requeue = 0"
+                # Deleted while the request was out: the record says gone, and what the server
+                # holds. A change that arrived meanwhile goes out next.
+                " state = CASE WHEN vanished THEN ? WHEN requeue THEN ? ELSE ? END,"
+                " content_sha256 = CASE WHEN vanished THEN NULL ELSE content_sha256 END,"
+                " requeue = 0, vanished = 0"
                 f" WHERE id IN ({_placeholders(len(ids))}) AND state = ?",
-                (now, now, PENDING, UPLOADED, *ids, IN_FLIGHT),
+                (now, now, GONE, PENDING, UPLOADED, *ids, IN_FLIGHT),
             )
 
     @_waits_for_disk_space
@@ -730,11 +804,12 @@ class StateStore:
         """Back to the queue after a transient failure (or to re-send with update=true)."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE files SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
-                " last_error = ?, job_id = NULL, requeue = 0,"
+                "UPDATE files SET state = CASE WHEN vanished THEN ? ELSE ? END,"
+                " attempts = attempts + 1, next_attempt_at = ?,"
+                " last_error = ?, job_id = NULL, requeue = 0, vanished = 0,"
                 " update_flag = CASE WHEN ? THEN 1 ELSE update_flag END"
                 f" WHERE id IN ({_placeholders(len(ids))}) AND state = ?",
-                (PENDING, next_attempt_at, error, int(force_update), *ids, IN_FLIGHT),
+                (GONE, PENDING, next_attempt_at, error, int(force_update), *ids, IN_FLIGHT),
             )
 
     @_waits_for_disk_space
@@ -743,10 +818,11 @@ class StateStore:
         now = time.time() if now is None else now
         with self._transaction() as db:
             db.execute(
-                "UPDATE files SET state = CASE WHEN requeue THEN ? ELSE ? END,"
+                "UPDATE files SET state = CASE WHEN vanished THEN ? WHEN requeue THEN ? ELSE ? END,"
                 " attempts = attempts + 1, last_error = ?, job_id = NULL, requeue = 0,"
-                f" changed_at = ? WHERE id IN ({_placeholders(len(ids))}) AND state = ?",
-                (PENDING, FAILED, error, now, *ids, IN_FLIGHT),
+                f" vanished = 0, changed_at = ? WHERE id IN ({_placeholders(len(ids))})"
+                " AND state = ?",
+                (GONE, PENDING, FAILED, error, now, *ids, IN_FLIGHT),
             )
 
     @_waits_for_disk_space
@@ -754,9 +830,10 @@ class StateStore:
         """At start: sends that were cut off (no job id) go back to pending, same reference_id."""
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE files SET state = ?, next_attempt_at = 0"
+                "UPDATE files SET state = CASE WHEN vanished THEN ? ELSE ? END,"
+                " next_attempt_at = 0, vanished = 0, requeue = 0"
                 " WHERE state = ? AND job_id IS NULL",
-                (PENDING, IN_FLIGHT),
+                (GONE, PENDING, IN_FLIGHT),
             )
             return cursor.rowcount
 
@@ -793,6 +870,21 @@ class StateStore:
                 params,
             ).rowcount
         return queued + reexamined
+
+
+def _mark_gone(db: sqlite3.Connection, watch: str, relpath: str, now: float) -> bool:
+    """A row in flight keeps its state until the answer comes (which ends it `gone`): the
+    answer still says what the server holds."""
+    cursor = db.execute(
+        "UPDATE files SET"
+        " state = CASE WHEN state = ? THEN state ELSE ? END,"
+        " vanished = CASE WHEN state = ? THEN 1 ELSE 0 END,"
+        " content_sha256 = CASE WHEN state = ? THEN content_sha256 ELSE NULL END,"
+        " changed_at = ?"
+        " WHERE watch = ? AND relpath = ? AND state != ? AND vanished = 0",
+        (IN_FLIGHT, GONE, IN_FLIGHT, IN_FLIGHT, now, watch, relpath, GONE),
+    )
+    return cursor.rowcount > 0
 
 
 def lock_path(path: Path) -> Path:
