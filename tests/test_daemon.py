@@ -234,6 +234,27 @@ def test_deleted_file_stays_in_dataset_and_record_says_gone(
     assert "state:        gone" in explained.stdout
 
 
+def test_file_deleted_while_its_answer_is_on_the_way_ends_gone(
+    tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    # The answer drips slowly: the item is stored, the request is still out, and the file goes.
+    with DevServer(data_dir=tmp_path / "slow", drip_byte_interval_seconds=0.05) as server:
+        root = tmp_path / "cam"
+        (root / "Sunny").mkdir(parents=True)
+        config = live_config(tmp_path, server, [root])
+        daemon = start(daemons, config, tmp_path)
+        server.inject_faults("drip")
+        path = root / "Sunny" / "x.jpg"
+        write_jpeg(path, seed=1)
+        assert wait_until(lambda: "Sunny/x.jpg" in server.items(DATASET), 10)
+        path.unlink()
+        assert wait_until(lambda: "upload_confirmed" in daemon.log_text(), 20), daemon.log_text()
+        assert wait_until(lambda: "file_gone" in daemon.log_text(), 10), daemon.log_text()
+        assert daemon.stop() == 0
+        explained = run_watcher("explain", "-c", str(config), str(path))
+        assert "state:        gone" in explained.stdout, explained.stdout
+
+
 def test_metrics_endpoint_counts_what_the_daemon_did(
     tmp_path: Path, devserver: DevServer, daemons: list[DaemonProcess]
 ) -> None:
