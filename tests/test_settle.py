@@ -380,3 +380,30 @@ def test_refuses_unusable_timings(settle_seconds: float, max_wait_seconds: float
             on_ready=lambda path, st: None,
             on_incomplete=lambda path, reason: None,
         )
+
+
+def test_a_bug_in_one_files_check_is_reported_on_that_file_and_others_settle(
+    tmp_path: Path, make_settler: SettlerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The image check is replaced by one that fails for one file: it stands for any bug that
+    # nobody foresaw (a format the checker mishandles, a name it cannot take).
+    import watcher.settle as settle_module
+
+    real_check = settle_module.check_image_complete
+
+    def check(path: Path) -> str | None:
+        if path.name == "boom.jpg":
+            raise RuntimeError("checker bug")
+        return real_check(path)
+
+    monkeypatch.setattr(settle_module, "check_image_complete", check)
+    settler, outcomes = make_settler(max_wait_seconds=1.0)
+    boom, fine = tmp_path / "boom.jpg", tmp_path / "fine.jpg"
+    boom.write_bytes(jpeg_bytes(seed=1))
+    fine.write_bytes(jpeg_bytes(seed=2))
+    settler.submit(boom, closed=True)
+    settler.submit(fine, closed=True)
+    assert outcomes.wait_until(lambda: bool(outcomes.ready) and bool(outcomes.incomplete))
+    assert [path for path, _ in outcomes.ready] == [fine]
+    assert outcomes.incomplete == [(boom, "internal error: RuntimeError: checker bug")]
+    assert settler.is_alive()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from watcher.pathtext import path_from_text
 from watcher.store import FileRecord, StateStore
 from watcher.uploader import UploadEvents
 
@@ -34,7 +35,7 @@ _COPY_CHUNK_BYTES = 1024 * 1024
 
 def _file_fields(record: FileRecord) -> dict[str, str]:
     return {
-        "path": str(record.path),
+        "path": record.shown_path,
         "reference_id": record.reference_id,
         "dataset_id": record.dataset_id,
     }
@@ -151,7 +152,9 @@ class AfterUpload(UploadEvents):
         assert self._archive_dir is not None  # checked in __init__
         # Worker threads may archive two files with one relpath (two watches) at the same
         # moment; the exclusive link/create gives each its own name without a lock.
-        destination = _move_without_overwrite(record.path, self._archive_dir / record.relpath)
+        destination = _move_without_overwrite(
+            record.path, self._archive_dir / path_from_text(record.relpath)
+        )
         log.info("after_upload_moved", moved_to=str(destination), **_file_fields(record))
 
 

@@ -34,6 +34,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from watcher.errors import ConfigError
+from watcher.pathtext import path_text
 
 REDACTED = "[redacted]"
 
@@ -88,7 +89,8 @@ class SecretRedactor:
         if value is None or isinstance(value, bool | int | float):
             return value
         if isinstance(value, str):
-            return self.redact_text(value)
+            # A file name with bytes that are not UTF-8 is logged in its text form.
+            return self.redact_text(path_text(value))
         if isinstance(value, Mapping):
             return {self.redact_value(key): self.redact_value(item) for key, item in value.items()}
         if isinstance(value, tuple):

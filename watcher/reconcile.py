@@ -21,6 +21,7 @@ import structlog
 from watcher.imagecheck import check_open_image_complete, sniff_image_type
 from watcher.localfile import open_regular_file
 from watcher.pathfilter import PathFilter
+from watcher.pathtext import path_from_text, path_text
 from watcher.rules import PathRuleError, RuleSet
 from watcher.store import FAILED, GONE, INCOMPLETE, Candidate, KnownFile, StateStore
 
@@ -82,9 +83,10 @@ class ReconcileReport:
 
 
 def relpath_of(root: Path, path: Path) -> str | None:
-    """`path` relative to `root` with "/" separators, or None if it is not inside `root`."""
+    """`path` relative to `root` with "/" separators, in its text form (see pathtext.py), or
+    None if it is not inside `root`."""
     try:
-        return path.relative_to(root).as_posix()
+        return path_text(path.relative_to(root).as_posix())
     except ValueError:
         return None
 
@@ -130,7 +132,7 @@ class Reconciler:
             chunk: list[_Pending] = []
             for path, relpath, st in self._walk(plan):
                 report.files_seen += 1
-                result = self._examine(plan, path, relpath, st, known.pop(relpath, None), False)
+                result = self._examine_guarded(plan, path, relpath, st, known.pop(relpath, None))
                 if isinstance(result, _Pending):
                     chunk.append(result)
                     if len(chunk) >= _RECORD_CHUNK_FILES:
@@ -169,19 +171,26 @@ class Reconciler:
                 log.warning("folder_unreadable", path=str(folder), error=exc.strerror)
                 continue
             for entry in entries:
+                # The walk keeps names as os.fsdecode gives them (they open the right file);
+                # filters, rules and the store see the text form.
                 relpath = f"{rel_folder}{entry.name}"
+                text = path_text(relpath)
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        if plan.recursive and plan.path_filter.accepts_dir(relpath):
+                        if plan.recursive and plan.path_filter.accepts_dir(text):
                             stack.append((Path(entry.path), relpath + "/"))
                         continue
-                    if not plan.path_filter.accepts(relpath):
+                    if not plan.path_filter.accepts(text):
                         continue
                     st = entry.stat(follow_symlinks=False)
                 except OSError as exc:
                     log.warning("file_unreadable", path=entry.path, error=exc.strerror)
                     continue
-                yield Path(entry.path), relpath, st
+                except Exception:
+                    # One entry's bug must not end the walk of every other file.
+                    log.exception("walk_entry_failed", path=entry.path)
+                    continue
+                yield Path(entry.path), text, st
 
     # -- one file --------------------------------------------------------------------------
 
@@ -199,12 +208,35 @@ class Reconciler:
         except OSError as exc:
             return self._problem(plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}")
         known = self._store.known_file(plan.key, relpath)
-        result = self._examine(plan, path, relpath, st, known, settled)
+        result = self._examine_guarded(plan, path, relpath, st, known, settled)
         if not isinstance(result, _Pending):
             return result
         report = ReconcileReport()
         self._record(plan, [result], report)
         return report.last_outcome
+
+    def _examine_guarded(
+        self,
+        plan: WatchPlan,
+        path: Path,
+        relpath: str,
+        st: os.stat_result,
+        known: KnownFile | None,
+        settled: bool = False,
+    ) -> str | _Pending:
+        """`_examine` behind a per-file barrier: an unexpected exception (a bug, a name or a
+        file nobody foresaw) is recorded on that file with the reason and the walk goes on."""
+        try:
+            return self._examine(plan, path, relpath, st, known, settled)
+        except Exception as exc:
+            log.exception("file_examine_failed", path=str(path), dataset_id=plan.dataset_id)
+            try:
+                return self._problem(
+                    plan, path, relpath, st, FAILED, f"internal error: {type(exc).__name__}: {exc}"
+                )
+            except Exception:
+                log.exception("file_problem_unrecorded", path=str(path))
+                return FAILED
 
     def _examine(
         self,
@@ -351,7 +383,7 @@ class Reconciler:
             )
             if other is None:
                 return self._store.record_candidate(candidate, now=self._clock())
-            other_path = Path(other[0]) / other[1]
+            other_path = Path(other[0]) / path_from_text(other[1])
             # Each pass retires one stale owner, so this ends.
             if os.path.lexists(other_path) or not self._store.mark_gone(*other, now=self._clock()):
                 break

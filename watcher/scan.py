@@ -134,7 +134,7 @@ def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
             INCOMPLETE, limit=50
         )
         for record in problems:
-            out.write(f"  {record.state}: {record.path}: {record.last_error}\n")
+            out.write(f"  {record.state}: {record.shown_path}: {record.last_error}\n")
         if uploader.paused_reason is not None:
             out.write(f"  uploads paused: {uploader.paused_reason}\n")
         if not drained or counts[PENDING] or problems:

@@ -198,7 +198,13 @@ class Settler:
                     return
                 submits = candidate.submits
                 snapshot = (candidate.closed_hint, candidate.observation, candidate.verified)
-            look = self._look(candidate.path, *snapshot)
+            try:
+                look = self._look(candidate.path, *snapshot)
+            except Exception as exc:
+                # One file's surprise must not end the settling of every other file: it is
+                # treated as unreadable, retried, and reported with the reason after max_wait.
+                log.exception("settle_look_failed", path=str(candidate.path))
+                look = _Look(unreadable_reason=f"internal error: {type(exc).__name__}: {exc}")
             with self._cond:
                 verdict = self._decide(candidate, submits, look)
             self._report(candidate.path, verdict)

@@ -207,7 +207,7 @@ def _error_lines(errors: list[FileRecord]) -> list[str]:
     lines = ["last errors (newest first):"]
     for record in errors:
         lines.append(
-            f"  {record.state.ljust(width)}  {record.path}: {_one_line(record.last_error)}"
+            f"  {record.state.ljust(width)}  {record.shown_path}: {_one_line(record.last_error)}"
         )
     return lines
 
@@ -255,7 +255,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
         ],
         "recent_errors": [
             {
-                "path": str(record.path),
+                "path": record.shown_path,
                 "watch": record.watch,
                 "relpath": record.relpath,
                 "dataset_id": record.dataset_id,

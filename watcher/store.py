@@ -32,6 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import structlog
 
 from watcher.errors import StoreBusyError, StoreError
+from watcher.pathtext import path_from_text, path_text
 
 log = structlog.get_logger("watcher.store")
 
@@ -162,7 +163,13 @@ class FileRecord:
 
     @property
     def path(self) -> Path:
-        return Path(self.watch) / self.relpath
+        """The file on disk (the relpath is stored in its text form; see pathtext.py)."""
+        return Path(self.watch) / path_from_text(self.relpath)
+
+    @property
+    def shown_path(self) -> str:
+        """The path as printed and logged: always valid text."""
+        return f"{self.watch}/{self.relpath}"
 
 
 @dataclass(frozen=True)
@@ -857,7 +864,7 @@ class StateStore:
         params: list[Any] = [FAILED, INCOMPLETE]
         if paths:
             where += f" AND watch || '/' || relpath IN ({_placeholders(len(paths))})"
-            params += [str(path.absolute()) for path in paths]
+            params += [path_text(str(path.absolute())) for path in paths]
         with self._transaction() as db:
             queued = db.execute(
                 "UPDATE files SET state = ?, attempts = 0, next_attempt_at = 0"

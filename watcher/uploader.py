@@ -353,7 +353,7 @@ class Uploader:
         for record in records:
             log.info(
                 "upload_confirmed",
-                path=str(record.path),
+                path=record.shown_path,
                 reference_id=record.reference_id,
                 dataset_id=record.dataset_id,
                 update=record.update_flag,
@@ -365,7 +365,7 @@ class Uploader:
         for record in records:
             log.error(
                 "upload_parked",
-                path=str(record.path),
+                path=record.shown_path,
                 reference_id=record.reference_id,
                 dataset_id=record.dataset_id,
                 reason=reason,
