@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -62,7 +63,7 @@ def record(store: StateStore, root: Path, relpath: str, *, remote_url: str | Non
             reference_id=f"cam/{relpath}",
             size_bytes=st.st_size,
             mtime_ns=st.st_mtime_ns,
-            content_sha256=f"sha-{relpath}-{st.st_size}",
+            content_sha256=hashlib.sha256((root / relpath).read_bytes()).hexdigest(),
             metadata={"camera": "back"},
             metadata_sha256="m1",
             remote_url=remote_url,
@@ -103,7 +104,7 @@ def test_keep_leaves_confirmed_files_in_place(store: StateStore, root: Path) -> 
     record(store, root, "a.jpg")
     confirmed = send_and_confirm(store)
 
-    AfterUpload("keep", None).confirmed(confirmed)
+    AfterUpload("keep", None, store).confirmed(confirmed)
 
     assert (root / "a.jpg").read_bytes() == b"aaaa"
 
@@ -121,7 +122,7 @@ def test_delete_removes_confirmed_files_but_not_remote_url_items(
     confirmed_remote = send_and_confirm(store)
 
     with structlog.testing.capture_logs() as logs:
-        AfterUpload("delete", None).confirmed([*confirmed, *confirmed_remote])
+        AfterUpload("delete", None, store).confirmed([*confirmed, *confirmed_remote])
 
     assert not (root / "day1" / "a.jpg").exists()
     assert not (root / "day1" / "b.jpg").exists()
@@ -145,7 +146,7 @@ def test_move_keeps_the_relative_path_and_never_overwrites(
     record(store, root, "day1/b.jpg")
     confirmed = send_and_confirm(store)
 
-    AfterUpload("move", archive).confirmed(confirmed)
+    AfterUpload("move", archive, store).confirmed(confirmed)
 
     assert not (root / "day1" / "a.jpg").exists()
     assert not (root / "day1" / "b.jpg").exists()
@@ -186,7 +187,7 @@ def test_move_to_another_file_system_copies_then_removes(
     record(store, root, "a.jpg")
     confirmed = send_and_confirm(store)
 
-    AfterUpload("move", archive).confirmed(confirmed)
+    AfterUpload("move", archive, store).confirmed(confirmed)
 
     assert not (root / "a.jpg").exists()
     assert (archive / "a.jpg").read_bytes() == b"already there"
@@ -207,7 +208,7 @@ def test_a_file_changed_after_the_send_is_left_alone(
     store.mark_confirmed([r.id for r in in_flight])
 
     with structlog.testing.capture_logs() as logs:
-        AfterUpload(mode, archive).confirmed(in_flight)
+        AfterUpload(mode, archive, store).confirmed(in_flight)
 
     assert (root / "a.jpg").read_bytes() == b"second, longer version"
     assert not archive.exists()
@@ -228,7 +229,7 @@ def test_a_vanished_file_is_one_warning_and_the_rest_still_goes(
     (root / "a.jpg").unlink()
 
     with structlog.testing.capture_logs() as logs:
-        AfterUpload("delete", None).confirmed(confirmed)
+        AfterUpload("delete", None, store).confirmed(confirmed)
 
     assert not (root / "b.jpg").exists()
     [failed] = events_named(logs, "after_upload_failed")
@@ -248,7 +249,7 @@ def test_an_unwritable_folder_is_one_warning_not_an_exception(
     (root / "locked").chmod(0o555)
     try:
         with structlog.testing.capture_logs() as logs:
-            AfterUpload("delete", None).confirmed(confirmed)
+            AfterUpload("delete", None, store).confirmed(confirmed)
     finally:
         (root / "locked").chmod(0o755)
 
@@ -267,7 +268,7 @@ def test_an_unusable_archive_is_one_warning_and_the_file_stays(
     confirmed = send_and_confirm(store)
 
     with structlog.testing.capture_logs() as logs:
-        AfterUpload("move", blocker).confirmed(confirmed)
+        AfterUpload("move", blocker, store).confirmed(confirmed)
 
     assert (root / "day1" / "a.jpg").read_bytes() == b"aaaa"
     assert blocker.read_bytes() == b"a file where the archive folder should be"
@@ -277,11 +278,11 @@ def test_an_unusable_archive_is_one_warning_and_the_file_stays(
     assert failed["dataset_id"] == "ds_cam"
 
 
-def test_move_needs_an_archive_dir() -> None:
+def test_move_needs_an_archive_dir(store: StateStore) -> None:
     with pytest.raises(ValueError, match="archive_dir"):
-        AfterUpload("move", None)
+        AfterUpload("move", None, store)
     with pytest.raises(ValueError, match="after_upload"):
-        AfterUpload("shred", None)
+        AfterUpload("shred", None, store)
 
 
 class _BrokenConsumer(UploadEvents):
@@ -318,7 +319,7 @@ def test_fan_out_reaches_every_consumer_even_past_a_broken_one(
     record(store, root, "a.jpg")
     confirmed = send_and_confirm(store)
     recorder = _Recorder()
-    events = FanOutEvents([_BrokenConsumer(), AfterUpload("delete", None), recorder])
+    events = FanOutEvents([_BrokenConsumer(), AfterUpload("delete", None, store), recorder])
 
     with structlog.testing.capture_logs() as logs:
         events.confirmed(confirmed)

@@ -77,6 +77,37 @@ def test_delete_after_upload_waits_for_the_async_job(
         assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("mode", ["delete", "move"])
+def test_a_file_rewritten_during_the_async_job_is_kept_until_its_new_bytes_are_stored(
+    tmp_path: Path, daemons: list[DaemonProcess], mode: str
+) -> None:
+    root, archive = tmp_path / "cam", tmp_path / "archive"
+    root.mkdir()
+    with DevServer(job_delay_seconds=2.0) as server:
+        config = write_config(
+            tmp_path,
+            endpoint=server.base_url,
+            watches=[{"path": str(root), "dataset_id": "ds_del"}],
+            nucleus={"asynchronous": True, "job_poll_seconds": 0.1},
+            upload={"after_upload": mode, "archive_dir": str(archive)},
+        )
+        daemon = DaemonProcess(config, tmp_path)
+        daemons.append(daemon)
+        daemon.start()
+        path = root / "Sunny" / "a.jpg"
+        write_jpeg(path, seed=3)
+        assert wait_until(lambda: "Sunny/a.jpg" in server.items("ds_del"), 20)
+        # The job for the first version is still running; the camera writes a second one.
+        second = write_jpeg(path, seed=4)
+        assert wait_until(lambda: not path.exists(), 30), daemon.log_text()[-3000:]
+        item = server.items("ds_del")["Sunny/a.jpg"]
+        assert server.image_bytes(item.image_sha256 or "") == second  # never lost
+        assert item.times_written == 2
+        if mode == "move":
+            assert (archive / "Sunny" / "a.jpg").read_bytes() == second
+        assert daemon.stop() == 0
+
+
 def test_move_after_upload_keeps_the_relative_path(
     tmp_path: Path, devserver: DevServer, daemons: list[DaemonProcess]
 ) -> None:

@@ -175,7 +175,10 @@ class Daemon:
         client = pipeline.nucleus_client(settings, self._api_key)
         archive_dir = Path(settings.upload.archive_dir) if settings.upload.archive_dir else None
         events = FanOutEvents(
-            [UploadMetrics(self._metrics), AfterUpload(settings.upload.after_upload, archive_dir)]
+            [
+                UploadMetrics(self._metrics),
+                AfterUpload(settings.upload.after_upload, archive_dir, self._store),
+            ]
         )
         self._uploader = pipeline.uploader(settings, self._store, client, events)
         self._reconciler = pipeline.reconciler(

@@ -9,16 +9,17 @@ recorded: a file rewritten after its send is newer than what the server holds an
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
-import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
 
+from watcher.localfile import NotARegularFile, open_regular_file
 from watcher.pathtext import path_from_text
-from watcher.store import FileRecord, StateStore
+from watcher.store import UPLOADED, FileRecord, StateStore
 from watcher.uploader import UploadEvents
 
 log = structlog.get_logger("watcher.disk")
@@ -41,21 +42,30 @@ def _file_fields(record: FileRecord) -> dict[str, str]:
     }
 
 
-def _compare_with_disk(record: FileRecord) -> tuple[str, str]:
-    """Is the file on disk still the one recorded? (verdict, detail), verdict one of
+def _compare_with_dataset(store: StateStore, record: FileRecord) -> tuple[str, str]:
+    """Does the dataset hold exactly this file, with nothing left to send for it?
+    (verdict, detail), verdict one of "same", "vanished", "changed" (rewritten or replaced
+    since, or a newer version or metadata still to be sent), "unreadable".
 
-    "same", "vanished", "changed" (rewritten or replaced since), "unreadable" (cannot stat).
+    The file's bytes are hashed and compared with the hash the server confirmed: size and
+    mtime alone cannot tell a rewrite within one timestamp tick, and the record may already
+    describe a newer version that was never sent (a change during an asynchronous job).
     """
+    current = store.get(record.watch, record.relpath)
+    if current is None or current.state != UPLOADED or current.confirmed_content_sha256 is None:
+        state = "missing" if current is None else current.state
+        return "changed", f"the record is {state}: the dataset does not hold this version yet"
     try:
-        st = os.lstat(record.path)
+        with open_regular_file(record.path) as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except FileNotFoundError:
         return "vanished", "no such file"
-    except OSError as exc:
-        return "unreadable", f"cannot stat: {exc.strerror}"
-    if not stat.S_ISREG(st.st_mode):
+    except NotARegularFile:
         return "changed", "no longer a regular file"
-    if st.st_size != record.size_bytes or st.st_mtime_ns != record.mtime_ns:
-        return "changed", "size or mtime differ from what was sent"
+    except OSError as exc:
+        return "unreadable", f"cannot read: {exc.strerror}"
+    if digest != current.confirmed_content_sha256:
+        return "changed", "its bytes differ from what the dataset holds"
     return "same", ""
 
 
@@ -110,13 +120,14 @@ class AfterUpload(UploadEvents):
     A failure is one warning line: the upload itself succeeded, and the file simply stays.
     """
 
-    def __init__(self, mode: str, archive_dir: Path | None) -> None:
+    def __init__(self, mode: str, archive_dir: Path | None, store: StateStore) -> None:
         if mode not in AFTER_UPLOAD_MODES:
             raise ValueError(f"after_upload must be one of {AFTER_UPLOAD_MODES} (got {mode!r})")
         if mode == "move" and archive_dir is None:
             raise ValueError('after_upload = "move" needs an archive_dir')
         self._mode = mode
         self._archive_dir = archive_dir
+        self._store = store
 
     def confirmed(self, records: Sequence[FileRecord]) -> None:
         if self._mode == "keep":
@@ -135,7 +146,7 @@ class AfterUpload(UploadEvents):
                 log.exception("after_upload_failed", mode=self._mode, **_file_fields(record))
 
     def _apply(self, record: FileRecord) -> None:
-        verdict, detail = _compare_with_disk(record)
+        verdict, detail = _compare_with_dataset(self._store, record)
         if verdict == "changed":
             # Rewritten since the send: the reconcile queues the new content; keep it for that.
             log.info("after_upload_skipped", mode=self._mode, reason=detail, **_file_fields(record))
@@ -296,7 +307,7 @@ class FreeSpaceGuard:
 
     def _delete_confirmed(self, record: FileRecord) -> str:
         """ "deleted", "missing" (already gone), or "kept" (changed since, or cannot delete)."""
-        verdict, detail = _compare_with_disk(record)
+        verdict, detail = _compare_with_dataset(self._store, record)
         if verdict == "vanished":
             return "missing"
         if verdict != "same":

@@ -160,6 +160,7 @@ class FileRecord:
     job_id: str | None
     confirmed_at: float | None
     first_seen_at: float
+    confirmed_content_sha256: str | None = None
 
     @property
     def path(self) -> Path:
@@ -250,7 +251,7 @@ def _waits_for_disk_space(
 _COLUMNS = (
     "id, watch, relpath, dataset_id, reference_id, size_bytes, mtime_ns, content_sha256,"
     " metadata_json, metadata_sha256, remote_url, state, update_flag, attempts,"
-    " next_attempt_at, last_error, job_id, confirmed_at, first_seen_at"
+    " next_attempt_at, last_error, job_id, confirmed_at, first_seen_at, confirmed_content_sha256"
 )
 
 
@@ -282,6 +283,7 @@ def _record(row: sqlite3.Row) -> FileRecord:
         job_id=row["job_id"],
         confirmed_at=row["confirmed_at"],
         first_seen_at=row["first_seen_at"],
+        confirmed_content_sha256=row["confirmed_content_sha256"],
     )
 
 
@@ -784,11 +786,12 @@ class StateStore:
             )
 
     @_waits_for_disk_space
-    def mark_confirmed(self, ids: Sequence[int], now: float | None = None) -> None:
-        """The server confirmed these (2xx sync answer or job Completed)."""
+    def mark_confirmed(self, ids: Sequence[int], now: float | None = None) -> int:
+        """The server confirmed these (2xx sync answer or job Completed). Returns how many
+        went back to the queue because they changed while the request was out."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            db.execute(
+            states = db.execute(
                 "UPDATE files SET confirmed_dataset_id = sent_dataset_id,"
                 " confirmed_reference_id = sent_reference_id,"
                 " confirmed_content_sha256 = sent_content_sha256,"
@@ -800,9 +803,10 @@ class StateStore:
                 " state = CASE WHEN vanished THEN ? WHEN requeue THEN ? ELSE ? END,"
                 " content_sha256 = CASE WHEN vanished THEN NULL ELSE content_sha256 END,"
                 " requeue = 0, vanished = 0"
-                f" WHERE id IN ({_placeholders(len(ids))}) AND state = ?",
+                f" WHERE id IN ({_placeholders(len(ids))}) AND state = ? RETURNING state",
                 (now, now, GONE, PENDING, UPLOADED, *ids, IN_FLIGHT),
-            )
+            ).fetchall()
+        return sum(row["state"] == PENDING for row in states)
 
     @_waits_for_disk_space
     def mark_retry(

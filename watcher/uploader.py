@@ -349,7 +349,8 @@ class Uploader:
     def _confirm(self, records: Sequence[FileRecord]) -> None:
         if not records:
             return
-        self._store.mark_confirmed([r.id for r in records], now=self._clock())
+        if self._store.mark_confirmed([r.id for r in records], now=self._clock()):
+            self.wake()  # a change that came while the request was out goes next
         for record in records:
             log.info(
                 "upload_confirmed",
