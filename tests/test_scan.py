@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.configfactory import API_KEY, run_watcher, watcher_env, write_config
-from tests.imagefactory import sha256_of, write_jpeg, write_large_jpeg, write_png
+from tests.imagefactory import jpeg_bytes, sha256_of, write_jpeg, write_large_jpeg, write_png
 from watcher.devserver import DevServer
 
 DATASET = "ds_weather"
@@ -261,3 +261,24 @@ def test_config_errors_are_one_line_each_and_exit_2(tmp_path: Path) -> None:
     missing = run_watcher("scan", "-c", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2
     assert missing.stderr.strip() == "nope.toml: cannot read: No such file or directory"
+
+
+def test_a_file_from_the_future_is_uploaded_and_an_unfinished_one_is_listed(
+    tmp_path: Path, devserver: DevServer
+) -> None:
+    # A camera whose clock runs an hour ahead; and a JPEG that never gets its end marker.
+    root = tmp_path / "camera"
+    future = root / "Sunny" / "ahead.jpg"
+    write_jpeg(future, seed=1)
+    ahead = time.time() + 3600
+    os.utime(future, (ahead, ahead))
+    cut = root / "Sunny" / "cut.jpg"
+    cut.write_bytes(jpeg_bytes(seed=2)[:-200])
+    config = config_for(tmp_path, devserver, root, settle={"seconds": 0.3, "max_wait_seconds": 2.0})
+    started = time.monotonic()
+    result = scan(config)
+    assert time.monotonic() - started < 30  # not settle.max_wait_seconds per round
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert devserver.items(DATASET)["Sunny/ahead.jpg"].image_sha256 == sha256_of(future)
+    assert f"  incomplete: {cut}: " in result.stdout
+    assert "1 incomplete" in result.stdout

@@ -13,7 +13,6 @@ import ctypes
 import json
 import os
 import signal
-import stat
 import threading
 import time
 from pathlib import Path
@@ -108,30 +107,10 @@ class Daemon:
 
     def _on_incomplete(self, path: Path, reason: str) -> None:
         plan = self._plan_for(path)
-        if plan is None or self._store is None or self._reconciler is None:
+        if plan is None or self._reconciler is None:
             return
-        relpath = relpath_of(plan.root, path)
-        if relpath is None:
-            return
-        try:
-            st = path.lstat()
-        except OSError:
-            return
-        if not stat.S_ISREG(st.st_mode):
-            # A symlink or FIFO is not "still being written": record it as the walk would.
-            self._reconciler.consider(plan, path, settled=True)
-            return
-        log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
-        self._metrics.incomplete_files_total.labels(watch=plan.key).inc()
-        self._store.record_problem(
-            watch=plan.key,
-            relpath=relpath,
-            dataset_id=plan.dataset_id,
-            size_bytes=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            state=INCOMPLETE,
-            reason=reason,
-        )
+        if self._reconciler.record_incomplete(plan, path, reason) == INCOMPLETE:
+            self._metrics.incomplete_files_total.labels(watch=plan.key).inc()
 
     def _on_unsettled(self, plan: WatchPlan, path: Path) -> None:
         assert self._settler is not None

@@ -68,6 +68,10 @@ class ReconcileReport:
     missing_roots: list[str] = field(default_factory=list)
     last_outcome: str = ""
 
+    def merge_outcomes(self, outcomes: Sequence[str]) -> None:
+        for outcome in outcomes:
+            self.add(outcome)
+
     def add(self, outcome: str) -> None:
         self.last_outcome = outcome
         if outcome == "new":
@@ -214,6 +218,33 @@ class Reconciler:
         report = ReconcileReport()
         self._record(plan, [result], report)
         return report.last_outcome
+
+    def record_incomplete(self, plan: WatchPlan, path: Path, reason: str) -> str:
+        """The settler gave up on `path` (never finished within max_wait): record why. A
+        symlink or FIFO is not "still being written" and is recorded as the walk would."""
+        relpath = relpath_of(plan.root, path)
+        if relpath is None:
+            return "excluded"
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return "gone"
+        except OSError as exc:
+            return self._problem(plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}")
+        if not stat.S_ISREG(st.st_mode):
+            return self.consider(plan, path, settled=True)
+        log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
+        self._store.record_problem(
+            watch=plan.key,
+            relpath=relpath,
+            dataset_id=plan.dataset_id,
+            size_bytes=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            state=INCOMPLETE,
+            reason=reason,
+            now=self._clock(),
+        )
+        return INCOMPLETE
 
     def _examine_guarded(
         self,

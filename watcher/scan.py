@@ -3,6 +3,7 @@ jobs, print a summary; exit 0 when everything is confirmed, 1 when some items ar
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -15,8 +16,10 @@ import structlog
 
 from watcher import pipeline
 from watcher.config import Settings
-from watcher.reconcile import WatchPlan
-from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
+from watcher.pathtext import path_text
+from watcher.reconcile import Reconciler, WatchPlan
+from watcher.settle import Settler
+from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord, StateStore
 from watcher.uploader import UploadEvents
 
 log = structlog.get_logger("watcher.scan")
@@ -77,6 +80,62 @@ class ScanProgress(UploadEvents):
             self._stream.flush()
 
 
+class _UnsettledFiles:
+    """The files the walk found still changing, handed to the same Settler the daemon uses."""
+
+    def __init__(self, settings: Settings, store: StateStore, progress: ScanProgress) -> None:
+        self._store = store
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._plans: dict[Path, WatchPlan] = {}
+        self.outcomes: list[str] = []
+        self.reconciler: Reconciler | None = None
+        self._settler = Settler(
+            settle_seconds=settings.settle.seconds,
+            max_wait_seconds=settings.settle.max_wait_seconds,
+            verify_image=settings.settle.verify_image,
+            on_ready=self._ready,
+            on_incomplete=self._incomplete,
+        )
+
+    def start(self) -> None:
+        self._settler.start()
+
+    def stop(self) -> None:
+        self._settler.stop()
+
+    def submit(self, plan: WatchPlan, path: Path) -> None:
+        with self._lock:
+            self._plans[path] = plan
+        self._settler.submit(path)
+
+    def wait(self, timeout_seconds: float) -> list[Path]:
+        """Until every submitted file is ready, vanished or reported incomplete; the paths
+        still settling when `timeout_seconds` ran out."""
+        deadline = time.monotonic() + timeout_seconds
+        while self._settler.pending_count() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._settler.pending_paths()
+
+    def _ready(self, path: Path, _stat: os.stat_result) -> None:
+        with self._lock:
+            plan = self._plans[path]
+        assert self.reconciler is not None
+        outcome = self.reconciler.consider(plan, path, settled=True)
+        with self._lock:
+            self.outcomes.append(outcome)
+        if outcome in ("new", "changed"):
+            self._progress.total += 1
+
+    def _incomplete(self, path: Path, reason: str) -> None:
+        with self._lock:
+            plan = self._plans[path]
+        assert self.reconciler is not None
+        outcome = self.reconciler.record_incomplete(plan, path, reason)
+        with self._lock:
+            self.outcomes.append(outcome)
+
+
 def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
     plans = pipeline.watch_plans(settings)
     store = pipeline.open_store(settings)
@@ -85,37 +144,30 @@ def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
     try:
         store.release_in_flight()
         store.reset_pending_attempts()
-        unsettled: list[tuple[WatchPlan, Path]] = []
         progress = ScanProgress(store.state_counts()[PENDING], sys.stderr)
         uploader = pipeline.uploader(settings, store, client, progress)
+        unsettled = _UnsettledFiles(settings, store, progress)
         # Uploads start while the walk goes on: the walk records files in chunks and wakes
         # the workers once per chunk, so batches stay full and the two overlap.
         reconciler = pipeline.reconciler(
-            settings,
-            store,
-            on_unsettled=lambda plan, path: unsettled.append((plan, path)),
-            on_queued=uploader.wake,
+            settings, store, on_unsettled=unsettled.submit, on_queued=uploader.wake
         )
+        unsettled.reconciler = reconciler
         uploader.start()
+        unsettled.start()
         try:
             report = reconciler.reconcile(plans)
             progress.total = report.queued_new + report.queued_changed + progress.total
-            # Files still being written when the walk saw them: give them the settle window,
-            # then take them as they are (verify_image still refuses a half-written image).
-            rounds = int(settings.settle.max_wait_seconds / max(settings.settle.seconds, 0.1))
-            for _ in range(rounds):
-                if not unsettled:
-                    break
-                time.sleep(settings.settle.seconds)
-                waiting, unsettled[:] = list(unsettled), []
-                for plan, path in waiting:
-                    outcome = reconciler.consider(plan, path, settled=False)
-                    report.add(outcome)
-                    progress.total += outcome in ("new", "changed")
+            # Files still being written when the walk saw them (or whose mtime is in the
+            # future): the settler watches them hold still on the monotonic clock; what never
+            # finishes within settle.max_wait_seconds is recorded incomplete and listed.
+            still_settling = unsettled.wait(settings.settle.max_wait_seconds + 5.0)
             drained = uploader.wait_until_drained(SCAN_MAX_ATTEMPTS)
         finally:
+            unsettled.stop()
             uploader.stop(settings.upload.stop_timeout_seconds)
             progress.finish()
+        report.merge_outcomes(unsettled.outcomes)
         seconds = time.monotonic() - started
         counts = store.state_counts()
         tally = progress.tally
@@ -130,6 +182,8 @@ def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
         )
         for missing in report.missing_roots:
             out.write(f"  missing watch folder: {missing}\n")
+        for path in still_settling:
+            out.write(f"  still being written: {path_text(str(path))}\n")
         problems = store.records_in_state(FAILED, limit=50) + store.records_in_state(
             INCOMPLETE, limit=50
         )
@@ -137,7 +191,7 @@ def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
             out.write(f"  {record.state}: {record.shown_path}: {record.last_error}\n")
         if uploader.paused_reason is not None:
             out.write(f"  uploads paused: {uploader.paused_reason}\n")
-        if not drained or counts[PENDING] or problems:
+        if not drained or counts[PENDING] or problems or still_settling:
             return 1
         return 0
     finally:

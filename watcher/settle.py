@@ -188,6 +188,11 @@ class Settler:
         with self._cond:
             return sum(1 for candidate in self._candidates.values() if not candidate.parked)
 
+    def pending_paths(self) -> list[Path]:
+        """The paths `pending_count` counts."""
+        with self._cond:
+            return [c.path for c in self._candidates.values() if not c.parked]
+
     # -- the settler thread ----------------------------------------------------------------
 
     def _run(self) -> None:

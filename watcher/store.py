@@ -713,14 +713,21 @@ class StateStore:
 
     @_waits_for_disk_space
     def claim_batch(
-        self, max_items: int, *, now: float | None = None, newest_first: bool = False
+        self,
+        max_items: int,
+        *,
+        now: float | None = None,
+        newest_first: bool = False,
+        clock_stepped_after: float | None = None,
     ) -> list[FileRecord]:
         """Take up to `max_items` due files that can share one request; they become in_flight.
 
         A batch shares a dataset and a kind (file bytes or remote URL; remote URLs also share
-        `update`, which the JSON form carries once per request).
+        `update`, which the JSON form carries once per request). A retry time later than
+        `clock_stepped_after` was set before the wall clock stepped back and counts as due.
         """
         now = time.time() if now is None else now
+        stepped = float("inf") if clock_stepped_after is None else clock_stepped_after
         order = "DESC" if newest_first else "ASC"
         with self._transaction() as db:
             first = db.execute(
@@ -729,9 +736,9 @@ class StateStore:
                 "SELECT id, dataset_id, remote_url IS NOT NULL AS remote,"
                 f" (update_flag OR {_MAYBE_ON_SERVER}) AS send_update"
                 " FROM files INDEXED BY files_claim"
-                f" WHERE state = ? AND next_attempt_at <= ? ORDER BY mtime_ns {order}, id {order}"
-                " LIMIT 1",
-                (PENDING, now),
+                " WHERE state = ? AND (next_attempt_at <= ? OR next_attempt_at > ?)"
+                f" ORDER BY mtime_ns {order}, id {order} LIMIT 1",
+                (PENDING, now, stepped),
             ).fetchone()
             if first is None:
                 return []
@@ -742,10 +749,10 @@ class StateStore:
                 kind_filter, kind_params = "remote_url IS NULL", ()
             rows = db.execute(
                 f"SELECT {_CLAIM_COLUMNS} FROM files INDEXED BY files_claim"
-                " WHERE state = ? AND next_attempt_at <= ?"
+                " WHERE state = ? AND (next_attempt_at <= ? OR next_attempt_at > ?)"
                 f" AND dataset_id = ? AND {kind_filter}"
                 f" ORDER BY mtime_ns {order}, id {order} LIMIT ?",
-                (PENDING, now, first["dataset_id"], *kind_params, max_items),
+                (PENDING, now, stepped, first["dataset_id"], *kind_params, max_items),
             ).fetchall()
             ids = [row["id"] for row in rows]
             in_ids = f"id IN ({_placeholders(len(ids))})"

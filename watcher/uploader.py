@@ -123,6 +123,8 @@ class Uploader:
         self._idle = threading.Condition(lock)
         self._stopping = False
         self._paused_reason: str | None = None
+        # On the monotonic clock: a wall-clock step (NTP at boot, a stepped-back RTC) must not
+        # stretch a backoff into hours.
         self._hold_until = 0.0
         self._consecutive_failures = 0
         self._busy_workers = 0
@@ -130,6 +132,9 @@ class Uploader:
         self._last_wake_at = 0.0
         self._wakes_in_burst = 0
         self._threads: list[threading.Thread] = []
+        # We never set a retry time further ahead than this; a later one was written before
+        # the wall clock stepped back, and counts as due.
+        self._clock_step_slack_seconds = policy.retry_max_seconds + 60.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -244,8 +249,9 @@ class Uploader:
                 if self._paused_reason is not None:
                     self._lock.wait(30.0)
                     continue
-                if now < self._hold_until:
-                    self._lock.wait(self._hold_until - now)
+                held_seconds = self._hold_until - time.monotonic()
+                if held_seconds > 0:
+                    self._lock.wait(held_seconds)
                     continue
                 since_wake = time.monotonic() - self._last_wake_at
                 if not lingered and self._wakes_in_burst > 1 and since_wake < _BURST_GAP_SECONDS:
@@ -264,11 +270,16 @@ class Uploader:
             # The claim runs outside our lock: a store write can stall (full disk) and that
             # must not stall `stop()` or `wake()` with it.
             batch = self._store.claim_batch(
-                self._policy.max_files_per_request, now=now, newest_first=self._policy.newest_first
+                self._policy.max_files_per_request,
+                now=now,
+                newest_first=self._policy.newest_first,
+                clock_stepped_after=now + self._clock_step_slack_seconds,
             )
             if batch:
                 return batch
             next_due = self._store.next_due_at()
+            if next_due is not None and next_due > now + self._clock_step_slack_seconds:
+                next_due = now  # set before the wall clock stepped back: due
             with self._lock:
                 self._busy_workers -= 1
                 self._idle.notify_all()
@@ -383,7 +394,7 @@ class Uploader:
             delay = random.uniform(0, ceiling)  # full jitter: a fleet does not retry in step
             if exc.retry_after_seconds is not None:
                 delay = min(max(delay, exc.retry_after_seconds), self._policy.retry_max_seconds)
-            self._hold_until = max(self._hold_until, self._clock() + delay)
+            self._hold_until = max(self._hold_until, time.monotonic() + delay)
         # The items stay due: once the hold lifts, the backlog goes at full speed.
         self._store.mark_retry([r.id for r in batch], exc.reason, self._clock())
         kind = retry_kind(exc)
