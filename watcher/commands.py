@@ -11,7 +11,8 @@ from pathlib import Path
 from watcher import pipeline
 from watcher.config import Settings
 from watcher.errors import StoreBusyError, UploadError, WatcherError
-from watcher.reconcile import WatchPlan, file_sha256, relpath_of
+from watcher.pathtext import path_text
+from watcher.reconcile import WatchPlan, file_sha256, plans_for
 from watcher.rules import PathRuleError
 from watcher.store import StateStore
 
@@ -43,17 +44,20 @@ def check(settings: Settings, api_key: str | None) -> int:
     return 1 if failures else 0
 
 
-def _plan_for(plans: Sequence[WatchPlan], path: Path) -> tuple[WatchPlan, str]:
-    absolute = path.absolute()
-    for plan in plans:
-        relpath = relpath_of(plan.root, absolute)
-        if relpath is not None:
-            return plan, relpath
-    raise WatcherError(f"{path}: not inside any watch folder")
-
-
 def explain(settings: Settings, path: Path) -> int:
-    plan, relpath = _plan_for(pipeline.watch_plans(settings), path)
+    """What each watch that sees `path` makes of it (one folder may feed several datasets)."""
+    found = plans_for(pipeline.watch_plans(settings), path.absolute())
+    if not found:
+        raise WatcherError(f"{path_text(str(path))}: not inside any watch folder")
+    worst = 0
+    for index, (plan, relpath) in enumerate(found):
+        if index:
+            print()
+        worst = max(worst, _explain_one(settings, plan, relpath, path))
+    return worst
+
+
+def _explain_one(settings: Settings, plan: WatchPlan, relpath: str, path: Path) -> int:
     print(f"watch:        {plan.key}")
     print(f"relpath:      {relpath}")
     print(f"dataset_id:   {plan.dataset_id}")

@@ -29,7 +29,7 @@ from watcher.intake import Intake, WatchSpec
 from watcher.logs import add_secret
 from watcher.metrics import Metrics, UploadMetrics
 from watcher.nucleus_client import NucleusClient
-from watcher.reconcile import Reconciler, WatchPlan, relpath_of
+from watcher.reconcile import Reconciler, WatchPlan, plans_for
 from watcher.sdnotify import SystemdNotifier
 from watcher.settle import Settler
 from watcher.store import INCOMPLETE, StateStore
@@ -88,10 +88,9 @@ class Daemon:
     def _on_deleted(self, key: str, path: Path) -> None:
         assert self._settler is not None and self._store is not None
         self._settler.forget(path)
-        plan = self._plan_for(path)
-        relpath = relpath_of(plan.root, path) if plan else None
-        if plan is not None and relpath is not None and self._store.mark_gone(plan.key, relpath):
-            log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
+        for plan, relpath in self._plans_for(path):
+            if self._store.mark_gone(plan.key, relpath):
+                log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
 
     def _on_rescan_needed(self, key: str | None, reason: str) -> None:
         log.info("rescan_requested", watch=key, reason=reason)
@@ -100,17 +99,16 @@ class Daemon:
         self._wakeup.set()
 
     def _on_settled(self, path: Path, _stat: os.stat_result) -> None:
-        plan = self._plan_for(path)
-        if plan is not None and self._reconciler is not None:
+        assert self._reconciler is not None
+        for plan, _relpath in self._plans_for(path):
             self._metrics.files_settled_total.labels(watch=plan.key).inc()
             self._reconciler.consider(plan, path, settled=True)
 
     def _on_incomplete(self, path: Path, reason: str) -> None:
-        plan = self._plan_for(path)
-        if plan is None or self._reconciler is None:
-            return
-        if self._reconciler.record_incomplete(plan, path, reason) == INCOMPLETE:
-            self._metrics.incomplete_files_total.labels(watch=plan.key).inc()
+        assert self._reconciler is not None
+        for plan, _relpath in self._plans_for(path):
+            if self._reconciler.record_incomplete(plan, path, reason) == INCOMPLETE:
+                self._metrics.incomplete_files_total.labels(watch=plan.key).inc()
 
     def _on_unsettled(self, plan: WatchPlan, path: Path) -> None:
         assert self._settler is not None
@@ -120,14 +118,8 @@ class Daemon:
         if self._uploader is not None:
             self._uploader.wake()
 
-    def _plan_for(self, path: Path) -> WatchPlan | None:
-        best: WatchPlan | None = None
-        for plan in self._plans:
-            if relpath_of(plan.root, path) is not None and (
-                best is None or len(plan.key) > len(best.key)
-            ):
-                best = plan
-        return best
+    def _plans_for(self, path: Path) -> list[tuple[WatchPlan, str]]:
+        return plans_for(self._plans, path)
 
     # -- signals ---------------------------------------------------------------------------
 

@@ -13,15 +13,17 @@ from watcher.config import Settings, compile_rules
 from watcher.nucleus_client import NucleusClient
 from watcher.pathfilter import PathFilter
 from watcher.reconcile import Reconciler, WatchPlan
-from watcher.store import StateStore
+from watcher.store import StateStore, watch_key, watch_key_aliases
 from watcher.uploader import Uploader, UploadEvents, UploadPolicy
 
 
 def watch_plans(settings: Settings) -> list[WatchPlan]:
     rule_sets = compile_rules(settings)
+    roots = [str(Path(watch.path)) for watch in settings.watch]
     return [
         WatchPlan(
-            key=str(Path(watch.path)),
+            key=watch_key(root, watch.dataset_id, shared=roots.count(root) > 1),
+            aliases=watch_key_aliases(root, watch.dataset_id),
             root=Path(watch.path),
             dataset_id=watch.dataset_id,
             recursive=watch.recursive,
@@ -29,7 +31,7 @@ def watch_plans(settings: Settings) -> list[WatchPlan]:
             rules=rules,
             polling=settings.scan.polling,
         )
-        for watch, rules in zip(settings.watch, rule_sets, strict=True)
+        for root, watch, rules in zip(roots, settings.watch, rule_sets, strict=True)
     ]
 
 

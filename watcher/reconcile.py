@@ -23,7 +23,15 @@ from watcher.localfile import open_regular_file
 from watcher.pathfilter import PathFilter
 from watcher.pathtext import path_from_text, path_text
 from watcher.rules import PathRuleError, RuleSet
-from watcher.store import FAILED, GONE, INCOMPLETE, Candidate, KnownFile, StateStore
+from watcher.store import (
+    FAILED,
+    GONE,
+    INCOMPLETE,
+    Candidate,
+    KnownFile,
+    StateStore,
+    watch_root,
+)
 
 log = structlog.get_logger("watcher.reconcile")
 
@@ -46,13 +54,14 @@ class _Pending:
 class WatchPlan:
     """One `[[watch]]`, compiled: what the reconcile and the live intake need of it."""
 
-    key: str  # the watch root as a string: stable when the config's order changes
+    key: str  # names the watch in the store, logs and metrics (see store.watch_key)
     root: Path
     dataset_id: str
     recursive: bool
     path_filter: PathFilter
     rules: RuleSet
     polling: bool = False
+    aliases: tuple[str, ...] = ()  # keys this watch had under other configs (store.watch_key)
 
 
 @dataclass
@@ -95,6 +104,17 @@ def relpath_of(root: Path, path: Path) -> str | None:
         return None
 
 
+def plans_for(plans: Sequence[WatchPlan], path: Path) -> list[tuple[WatchPlan, str]]:
+    """Every watch that sees `path` (one folder may feed several datasets; a watch inside
+    another's folder feeds another dataset), with the path's relpath in each."""
+    found = []
+    for plan in plans:
+        relpath = relpath_of(plan.root, path)
+        if relpath is not None and (plan.recursive or "/" not in relpath):
+            found.append((plan, relpath))
+    return found
+
+
 def file_sha256(path: Path) -> str:
     with open_regular_file(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -133,6 +153,8 @@ class Reconciler:
                 log.warning("watch_folder_missing", watch=plan.key)
                 continue
             known = self._store.known_files(plan.key)
+            if not known and self._store.adopt_rows(plan.key, plan.aliases, plan.dataset_id):
+                known = self._store.known_files(plan.key)
             chunk: list[_Pending] = []
             for path, relpath, st in self._walk(plan):
                 report.files_seen += 1
@@ -362,6 +384,7 @@ class Reconciler:
             and known.size_bytes == st.st_size
             and known.mtime_ns == st.st_mtime_ns
             and known.metadata_sha256 == classification.metadata_sha256
+            and known.dataset_id == plan.dataset_id
         ):
             return "unchanged"  # the fast path: nothing to write
         candidate = Candidate(
@@ -414,7 +437,7 @@ class Reconciler:
             )
             if other is None:
                 return self._store.record_candidate(candidate, now=self._clock())
-            other_path = Path(other[0]) / path_from_text(other[1])
+            other_path = Path(watch_root(other[0])) / path_from_text(other[1])
             # Each pass retires one stale owner, so this ends.
             if os.path.lexists(other_path) or not self._store.mark_gone(*other, now=self._clock()):
                 break

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from watcher.config import Settings
-from watcher.store import IN_FLIGHT, PENDING, STATES, FileRecord, StateStore
+from watcher.store import IN_FLIGHT, PENDING, STATES, FileRecord, StateStore, watch_key
 
 THROUGHPUT_WINDOWS_SECONDS = (60, 300, 900)
 MAX_ERRORS_SHOWN = 10
@@ -122,7 +122,11 @@ def read_status(settings: Settings, *, now: float) -> StatusReport:
         errors = store.recent_errors(limit=MAX_ERRORS_SHOWN)
     finally:
         store.close()
-    configured = [str(Path(watch.path)) for watch in settings.watch]
+    roots = [str(Path(watch.path)) for watch in settings.watch]
+    configured = [
+        watch_key(root, watch.dataset_id, shared=roots.count(root) > 1)
+        for root, watch in zip(roots, settings.watch, strict=True)
+    ]
     # A watch removed from the config still has rows; show them rather than hide files.
     keys = configured + sorted(set(by_watch) - set(configured))
     watches = [

@@ -32,7 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import structlog
 
 from watcher.errors import StoreBusyError, StoreError
-from watcher.pathtext import path_from_text, path_text
+from watcher.pathtext import path_from_text
 
 log = structlog.get_logger("watcher.store")
 
@@ -165,12 +165,12 @@ class FileRecord:
     @property
     def path(self) -> Path:
         """The file on disk (the relpath is stored in its text form; see pathtext.py)."""
-        return Path(self.watch) / path_from_text(self.relpath)
+        return Path(watch_root(self.watch)) / path_from_text(self.relpath)
 
     @property
     def shown_path(self) -> str:
         """The path as printed and logged: always valid text."""
-        return f"{self.watch}/{self.relpath}"
+        return f"{watch_root(self.watch)}/{self.relpath}"
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,7 @@ class KnownFile:
     content_sha256: str | None
     metadata_sha256: str
     state: str
+    dataset_id: str
 
 
 _P = ParamSpec("_P")
@@ -423,8 +424,8 @@ class StateStore:
     def known_files(self, watch: str) -> dict[str, KnownFile]:
         """Everything a reconcile needs to skip unchanged files, in one indexed query."""
         rows = self._query(
-            "SELECT relpath, size_bytes, mtime_ns, content_sha256, metadata_sha256, state"
-            " FROM files WHERE watch = ?",
+            "SELECT relpath, size_bytes, mtime_ns, content_sha256, metadata_sha256, state,"
+            " dataset_id FROM files WHERE watch = ?",
             (watch,),
         )
         return {
@@ -434,13 +435,14 @@ class StateStore:
                 row["content_sha256"],
                 row["metadata_sha256"],
                 row["state"],
+                row["dataset_id"],
             )
             for row in rows
         }
 
     def known_file(self, watch: str, relpath: str) -> KnownFile | None:
         rows = self._query(
-            "SELECT size_bytes, mtime_ns, content_sha256, metadata_sha256, state"
+            "SELECT size_bytes, mtime_ns, content_sha256, metadata_sha256, state, dataset_id"
             " FROM files WHERE watch = ? AND relpath = ?",
             (watch, relpath),
         )
@@ -529,6 +531,26 @@ class StateStore:
         return jobs
 
     # -- writing: intake -------------------------------------------------------------------
+
+    @_waits_for_disk_space
+    def adopt_rows(self, key: str, aliases: Sequence[str], dataset_id: str) -> int:
+        """A watch whose key changed (a second watch of its folder came or went) takes over
+        the rows recorded under its other key for its dataset, instead of sending them all
+        again. Only when it has no rows of its own yet."""
+        others = [alias for alias in aliases if alias != key]
+        if not others:
+            return 0
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM files WHERE watch = ? LIMIT 1", (key,)).fetchone():
+                return 0
+            cursor = db.execute(
+                f"UPDATE files SET watch = ? WHERE watch IN ({_placeholders(len(others))})"
+                " AND dataset_id = ?",
+                (key, *others, dataset_id),
+            )
+        if cursor.rowcount:
+            log.info("watch_rows_adopted", watch=key, rows=cursor.rowcount)
+        return cursor.rowcount
 
     def record_candidate(self, candidate: Candidate, now: float | None = None) -> str:
         """Record what is on disk now; decide whether it must be sent. Returns what happened:
@@ -871,23 +893,55 @@ class StateStore:
         refused before classification (not an image, incomplete, ...) are marked for the next
         reconcile to look at again, since only a fresh look can tell whether they are fixed.
         """
-        where = "state IN (?, ?)"
-        params: list[Any] = [FAILED, INCOMPLETE]
-        if paths:
-            where += f" AND watch || '/' || relpath IN ({_placeholders(len(paths))})"
-            params += [path_text(str(path.absolute())) for path in paths]
+        wanted = {os.fsencode(path.absolute()) for path in paths}
         with self._transaction() as db:
-            queued = db.execute(
-                "UPDATE files SET state = ?, attempts = 0, next_attempt_at = 0"
-                f" WHERE {where} AND metadata_sha256 != ''",
-                (PENDING, *params),
-            ).rowcount
-            reexamined = db.execute(
-                f"UPDATE files SET size_bytes = -1, mtime_ns = -1 WHERE {where}"
-                " AND metadata_sha256 = ''",
-                params,
-            ).rowcount
-        return queued + reexamined
+            rows = db.execute(
+                "SELECT id, watch, relpath, metadata_sha256 FROM files WHERE state IN (?, ?)",
+                (FAILED, INCOMPLETE),
+            ).fetchall()
+            if paths:
+                # Compared as the bytes of the file's path: keys and text forms aside, these
+                # are the files the user named.
+                rows = [
+                    row
+                    for row in rows
+                    if os.fsencode(Path(watch_root(row["watch"])) / path_from_text(row["relpath"]))
+                    in wanted
+                ]
+            sent = [row["id"] for row in rows if row["metadata_sha256"]]
+            unclassified = [row["id"] for row in rows if not row["metadata_sha256"]]
+            if sent:
+                db.execute(
+                    "UPDATE files SET state = ?, attempts = 0, next_attempt_at = 0"
+                    f" WHERE id IN ({_placeholders(len(sent))})",
+                    (PENDING, *sent),
+                )
+            if unclassified:
+                db.execute(
+                    "UPDATE files SET size_bytes = -1, mtime_ns = -1"
+                    f" WHERE id IN ({_placeholders(len(unclassified))})",
+                    unclassified,
+                )
+        return len(sent) + len(unclassified)
+
+
+def watch_key(root: str, dataset_id: str, *, shared: bool) -> str:
+    """How the store names a watch: its root folder; when several watches share one root
+    (one folder feeding several datasets), `ROOT//DATASET`, which no normalised path is, so
+    `watch_root` can take it apart again."""
+    return f"{root}//{dataset_id}" if shared else root
+
+
+def watch_key_aliases(root: str, dataset_id: str) -> tuple[str, ...]:
+    """Both forms `watch_key` can give this watch: when a second watch joins or leaves its
+    root, the key changes and the rows recorded under the other form are adopted."""
+    return (root, f"{root}//{dataset_id}")
+
+
+def watch_root(key: str) -> str:
+    """The root folder of a watch key (see `watch_key`)."""
+    root, separator, _dataset = key.rpartition("//")
+    return (root or "/") if separator else key
 
 
 def _mark_gone(db: sqlite3.Connection, watch: str, relpath: str, now: float) -> bool:

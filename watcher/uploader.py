@@ -132,6 +132,7 @@ class Uploader:
         self._last_wake_at = 0.0
         self._wakes_in_burst = 0
         self._threads: list[threading.Thread] = []
+        self._finished_follower: threading.Thread | None = None
         # We never set a retry time further ahead than this; a later one was written before
         # the wall clock stepped back, and counts as due.
         self._clock_step_slack_seconds = policy.retry_max_seconds + 60.0
@@ -143,7 +144,9 @@ class Uploader:
             thread = threading.Thread(target=self._work, name=f"upload-{number}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        if self._policy.asynchronous:
+        # Jobs submitted before a restart are followed even when `asynchronous` has since been
+        # turned off: their rows stay in flight until the server says how the job ended.
+        if self._policy.asynchronous or self._store.jobs_in_flight():
             follower = threading.Thread(target=self._follow_jobs, name="job-follower", daemon=True)
             follower.start()
             self._threads.append(follower)
@@ -193,8 +196,11 @@ class Uploader:
             self._client = client
 
     def is_alive(self) -> bool:
-        """Every thread that was started is still running (for the systemd watchdog)."""
-        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+        """Every thread that was started is still running (for the systemd watchdog); a job
+        follower that finished the last job of an earlier asynchronous run ended on purpose."""
+        return bool(self._threads) and all(
+            thread.is_alive() or thread is self._finished_follower for thread in self._threads
+        )
 
     @property
     def paused_reason(self) -> str | None:
@@ -440,7 +446,13 @@ class Uploader:
             with self._lock:
                 if self._stopping:
                     return
-            for job_id, ids in self._store.jobs_in_flight().items():
+            jobs = self._store.jobs_in_flight()
+            if not jobs and not self._policy.asynchronous:
+                # Only here for jobs from an earlier asynchronous run; none can come now.
+                self._finished_follower = threading.current_thread()
+                log.info("earlier_jobs_followed")
+                return
+            for job_id, ids in jobs.items():
                 try:
                     self._check_job(job_id, ids)
                 except UnauthorizedError as exc:
