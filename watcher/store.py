@@ -354,7 +354,7 @@ class StateStore:
             store = cls(db, path, read_only=False)
             store._migrate()
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MILLISECONDS}")
-        except sqlite3.DatabaseError:
+        except BaseException:  # a newer schema's StoreError too: no connection left behind
             db.close()
             raise
         return store
