@@ -148,6 +148,24 @@ def ca_files(ca_dir: Path) -> set[Path]:
     return set(ca_dir.glob("nucleus-watcher-ca-*.pem"))
 
 
+def open_connections_to(port: int) -> int:
+    """This process's established TCP connections to `port` on 127.0.0.1 (the clients' pools)."""
+    wanted = f"0100007F:{port:04X}"
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == wanted and fields[3] == "01":  # remote address, state ESTABLISHED
+            inodes.add(f"socket:[{fields[9]}]")
+    fd_dir = Path("/proc/self/fd")
+    held = set()
+    for fd in fd_dir.iterdir():
+        try:
+            held.add(os.readlink(fd))
+        except OSError:
+            continue  # closed while we looked
+    return len(inodes & held)
+
+
 def test_rotated_out_clients_are_closed_once_their_requests_are_done(
     rig: Rig, ca_dir: Path, gate: AppendGate
 ) -> None:
@@ -182,9 +200,11 @@ def test_rotated_out_clients_are_closed_once_their_requests_are_done(
 
     assert len(ca_files(ca_dir)) == 1, ca_files(ca_dir)
     assert reaper_threads() == reapers_before + 1  # only the current client's
+    assert open_connections_to(rig.server.port) <= 1  # at most the current client's keep-alive
     assert sorted(rig.server.items(DATASET)) == [f"f{n}.jpg" for n in range(6)]
 
     # The last client came through replace_client, so stopping the uploader closes it too.
     assert uploader.stop(10)
     assert ca_files(ca_dir) == set()
     assert reaper_threads() == reapers_before
+    assert open_connections_to(rig.server.port) == 0
