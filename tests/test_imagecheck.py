@@ -6,12 +6,15 @@ import io
 import os
 import random
 import struct
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.configfactory import API_KEY, run_watcher, write_config
 from tests.imagefactory import jpeg_bytes, png_bytes, write_large_jpeg
+from watcher.devserver import DevServer
 from watcher.imagecheck import SNIFF_BYTES, check_image_complete, sniff_image_type
 
 
@@ -72,13 +75,114 @@ def test_a_bare_beginning_is_never_complete(tmp_path: Path, kind: str, kept_byte
     assert check_image_complete(path) is not None
 
 
-def test_jpeg_zero_padding_after_eoi_is_allowed_up_to_64_bytes(tmp_path: Path) -> None:
+def test_jpeg_zero_padding_after_eoi_is_complete(tmp_path: Path) -> None:
     data = jpeg_bytes()
     assert check_image_complete(_write(tmp_path, "pad64.jpg", data + bytes(64))) is None
-    # More zeros than a camera pads: a preallocated file whose end is not written yet.
-    assert check_image_complete(_write(tmp_path, "pad65.jpg", data + bytes(65))) == (
-        "JPEG has no end-of-image marker"
+    # Longer padding too: the marker structure reaches EOI, whatever follows it.
+    assert check_image_complete(_write(tmp_path, "pad4k.jpg", data + bytes(4096))) is None
+
+
+def _motion_photo_video(size_bytes: int, seed: int = 3) -> bytes:
+    """What a phone appends to a motion photo: an MP4 ('ftyp' box first), here random bytes."""
+    ftyp = struct.pack(">I", 24) + b"ftypmp42" + b"\x00\x00\x00\x00" + b"isommp42"
+    body = random.Random(seed).randbytes(size_bytes - len(ftyp))
+    return ftyp + body
+
+
+def _restart_marker_jpeg() -> bytes:
+    return _pillow_bytes("JPEG", 64, 48, restart_marker_rows=1)
+
+
+JPEG_VARIANTS = {
+    "baseline": jpeg_bytes(),
+    "progressive": _pillow_bytes("JPEG", 64, 48, progressive=True),
+    "restart-markers": _restart_marker_jpeg(),
+    "exif-thumbnail": b"",  # filled in below: needs a thumbnail made first
+}
+
+
+def _jpeg_with_exif_thumbnail() -> bytes:
+    thumbnail = jpeg_bytes(16, 16, seed=9)
+    # APP1 "Exif": a TIFF header and one IFD1-less IFD0 whose bytes hold a whole JPEG (with its
+    # own EOI) inside the segment, as cameras do; only lengths tell that EOI is not the end.
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 0) + struct.pack("<I", 0)
+    payload = b"Exif\x00\x00" + tiff + thumbnail
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    main = jpeg_bytes(seed=4)
+    return main[:2] + app1 + main[2:]
+
+
+JPEG_VARIANTS["exif-thumbnail"] = _jpeg_with_exif_thumbnail()
+
+
+@pytest.mark.parametrize("variant", sorted(JPEG_VARIANTS))
+def test_jpeg_followed_by_a_motion_photo_video_is_complete(tmp_path: Path, variant: str) -> None:
+    data = JPEG_VARIANTS[variant] + _motion_photo_video(2_000_000)
+    assert not data.endswith(b"\xff\xd9")
+    assert check_image_complete(_write(tmp_path, "motion.jpg", data)) is None
+
+
+def test_jpeg_followed_by_a_maker_trailer_is_complete(tmp_path: Path) -> None:
+    trailer = b"\x00" * 100 + b"SEFH" + bytes(range(256)) * 4 + b"SEFT"
+    path = _write(tmp_path, "maker.jpg", jpeg_bytes() + trailer)
+    assert check_image_complete(path) is None
+
+
+@pytest.mark.parametrize("variant", sorted(JPEG_VARIANTS))
+def test_motion_photo_cut_before_its_eoi_is_incomplete(tmp_path: Path, variant: str) -> None:
+    jpeg = JPEG_VARIANTS[variant]
+    whole = jpeg + _motion_photo_video(100_000)
+    for cut in (len(jpeg) // 3, len(jpeg) * 2 // 3, len(jpeg) - 1):
+        path = _write(tmp_path, f"cut{cut}.jpg", whole[:cut])
+        assert check_image_complete(path) == "JPEG has no end-of-image marker", cut
+
+
+def test_jpeg_cut_inside_its_exif_thumbnail_segment_is_incomplete(tmp_path: Path) -> None:
+    data = _jpeg_with_exif_thumbnail()
+    thumbnail_end = data.index(b"\xff\xd9") + 2  # the thumbnail's EOI, inside APP1
+    path = _write(tmp_path, "cut.jpg", data[:thumbnail_end] + b"\x00" * 200)
+    assert check_image_complete(path) == "JPEG has no end-of-image marker"
+
+
+def test_scan_uploads_motion_photos_byte_identical_and_refuses_a_cut_one(
+    tmp_path: Path, devserver: DevServer
+) -> None:
+    root = tmp_path / "phone"
+    root.mkdir()
+    motion = {
+        "PXL_motion.jpg": JPEG_VARIANTS["exif-thumbnail"] + _motion_photo_video(2_000_000),
+        "progressive_motion.jpg": JPEG_VARIANTS["progressive"] + _motion_photo_video(300_000, 5),
+    }
+    whole = jpeg_bytes(seed=8)
+    cut = whole[: len(whole) // 2]
+    for name, data in {**motion, "cut.jpg": cut}.items():
+        path = _write(root, name, data)
+        old = time.time() - 60  # written a minute ago: settled
+        os.utime(path, (old, old))
+    config = write_config(
+        tmp_path, endpoint=devserver.base_url, watches=[{"path": str(root), "dataset_id": "ds_mp"}]
     )
+
+    result = run_watcher("scan", "-c", str(config))
+
+    assert API_KEY not in result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr  # the cut one is listed
+    assert f"incomplete: {root / 'cut.jpg'}: JPEG has no end-of-image marker" in result.stdout
+    items = devserver.items("ds_mp")
+    assert sorted(items) == sorted(motion)
+    for name, data in motion.items():
+        stored = items[name]
+        assert stored.image_sha256 is not None
+        assert devserver.image_bytes(stored.image_sha256) == data, name
+
+
+def test_jpeg_whose_marker_structure_is_broken_is_refused(tmp_path: Path) -> None:
+    data = jpeg_bytes()
+    # A segment length of 1 cannot be (it counts its own two bytes); and a trailer follows,
+    # so the quick end-of-file look does not decide.
+    broken = data[:2] + b"\xff\xe0\x00\x01" + data[2:] + b"trailer"
+    path = _write(tmp_path, "broken.jpg", broken)
+    assert check_image_complete(path) == "JPEG marker structure is broken at byte 2"
 
 
 def test_jpeg_preallocated_to_full_size_is_incomplete(tmp_path: Path) -> None:

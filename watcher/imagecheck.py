@@ -5,6 +5,11 @@ format promises: JPEG ends in an EOI marker, PNG in an IEND chunk, GIF in a trai
 BMP and TIFF declare their sizes or offsets in the header. `check_image_complete` compares the
 two with a few small reads, so it is cheap enough for the settler to call on every candidate.
 
+A JPEG that does not end in EOI may still be whole: phones append a video to motion photos,
+cameras append maker trailers. Such a file's marker structure is walked from SOI (segments are
+skipped by their lengths, the entropy-coded data is searched for the next marker) until it
+reaches EOI; only that walk reads more than a few bytes, and it stops at the EOI.
+
 It says "looks complete", not "decodes": a file cut off exactly after an embedded thumbnail's
 EOI would pass, which is why the settler also requires the size and mtime to have stopped moving.
 """
@@ -12,6 +17,7 @@ EOI would pass, which is why the settler also requires the size and mtime to hav
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -22,12 +28,23 @@ SNIFF_BYTES = 32
 # The start of every reason that means "this will never be an image": no point waiting.
 NOT_AN_IMAGE = "not an image"
 
-# Some cameras pad a JPEG after EOI with zeros up to a block size; more than this is not padding
-# but a preallocated file whose tail has not been written yet.
+# Some cameras pad a JPEG after EOI with zeros up to a block size; up to this much padding the
+# end of the file decides at once. Anything longer (or any other trailer) needs the walk.
 JPEG_MAX_ZERO_PADDING_BYTES = 64
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
+_JPEG_EOI_CODE = 0xD9
+_JPEG_SOI_CODE = 0xD8
+_JPEG_TEM_CODE = 0x01  # the one standalone marker besides SOI, EOI and RSTn
+_JPEG_FIRST_VALID_CODE = 0xC0  # 0x02-0xBF are reserved: no encoder writes them
+# A marker is 0xFF and a code byte. Not one: 0xFF 0x00 (a stuffed 0xFF inside entropy-coded
+# data), 0xFF 0xD0-0xD7 (restart markers, part of the scan) and 0xFF 0xFF (fill before a marker).
+_JPEG_MARKER = re.compile(b"\xff[\x01-\xcf\xd8-\xfe]")
+# The walk reads ahead in chunks that grow from small (the next marker is usually right there)
+# to large (a scan is megabytes long).
+_JPEG_FIRST_CHUNK_BYTES = 4096
+_JPEG_MAX_CHUNK_BYTES = 1 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # length 0, type "IEND", and the CRC of "IEND", which is always the same.
 _PNG_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -142,12 +159,56 @@ def _check_by_format(reader: _ImageReader) -> str | None:
 
 
 def _check_jpeg(reader: _ImageReader) -> str | None:
-    window = reader.tail(len(_JPEG_EOI) + JPEG_MAX_ZERO_PADDING_BYTES)
-    # rstrip removes at most the whole window; a padding longer than allowed leaves fewer than
-    # two bytes, so it cannot end in EOI and is refused like a missing marker.
-    unpadded = window.rstrip(b"\x00")
-    if reader.size_bytes < len(_JPEG_SOI) + len(_JPEG_EOI) or not unpadded.endswith(_JPEG_EOI):
+    if reader.size_bytes < len(_JPEG_SOI) + len(_JPEG_EOI):
         return "JPEG has no end-of-image marker"
+    window = reader.tail(len(_JPEG_EOI) + JPEG_MAX_ZERO_PADDING_BYTES)
+    # rstrip removes at most the whole window; a longer padding leaves fewer than two bytes.
+    if window.rstrip(b"\x00").endswith(_JPEG_EOI):
+        return None  # the common case, decided by the tail alone
+    return _walk_jpeg_to_eoi(reader)
+
+
+def _walk_jpeg_to_eoi(reader: _ImageReader) -> str | None:
+    """Follow the markers from SOI; None once EOI is reached, whatever bytes follow it."""
+    offset = len(_JPEG_SOI) - 1  # the 0xFF that starts the first marker after SOI
+    while True:
+        found = _next_jpeg_marker(reader, offset)
+        if found is None:
+            return "JPEG has no end-of-image marker"
+        marker_offset, code = found
+        if code == _JPEG_EOI_CODE:
+            return None
+        if code == _JPEG_SOI_CODE or (code < _JPEG_FIRST_VALID_CODE and code != _JPEG_TEM_CODE):
+            return f"JPEG marker structure is broken at byte {marker_offset}"
+        offset = marker_offset + 2
+        if code == _JPEG_TEM_CODE:
+            continue
+        length_field = reader.read_at(offset, 2)
+        if len(length_field) < 2:
+            return "JPEG has no end-of-image marker"
+        segment_bytes = int.from_bytes(length_field, "big")  # counts itself, not the marker
+        if segment_bytes < 2:
+            return f"JPEG marker structure is broken at byte {marker_offset}"
+        offset += segment_bytes
+        if offset > reader.size_bytes:
+            return "JPEG has no end-of-image marker"
+        # After SOS the entropy-coded data follows; the next search runs through it. Any other
+        # bytes before the next marker are skipped too, as decoders do.
+
+
+def _next_jpeg_marker(reader: _ImageReader, offset: int) -> tuple[int, int] | None:
+    """The offset and code of the first marker at or after `offset`, or None before the end."""
+    chunk_bytes = _JPEG_FIRST_CHUNK_BYTES
+    while offset < reader.size_bytes:
+        chunk = reader.read_at(offset, chunk_bytes)
+        match = _JPEG_MARKER.search(chunk)
+        if match is not None:
+            return offset + match.start(), chunk[match.start() + 1]
+        if len(chunk) < 2:
+            return None
+        # The last byte may be a 0xFF whose code byte is in the next chunk.
+        offset += len(chunk) - 1
+        chunk_bytes = min(chunk_bytes * 2, _JPEG_MAX_CHUNK_BYTES)
     return None
 
 

@@ -205,6 +205,19 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _FULL_RETRY_MAX_SECONDS = 30.0
 
+# How long `open` waits out errors that pass (a lock, a full disk, I/O errors) before giving up.
+# A daemon under systemd that gives up is restarted (Restart=on-failure), so it keeps trying.
+OPEN_RETRY_SECONDS = 60.0
+_OPEN_BUSY_SECONDS = 5.0
+_OPEN_FIRST_DELAY_SECONDS = 0.2
+_OPEN_MAX_DELAY_SECONDS = 5.0
+# Once open, a write waits this long for a lock before it fails (as before the open retries).
+_BUSY_TIMEOUT_MILLISECONDS = 30_000
+# Not worth waiting for: no permission, a read-only file, a path that cannot be a database.
+_OPEN_NOT_TRANSIENT = frozenset(
+    {sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_AUTH}
+)
+
 
 def _out_of_space_or_io(exc: sqlite3.OperationalError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
@@ -308,8 +321,12 @@ class StateStore:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path) -> StateStore:
+    def open(cls, path: Path, *, retry_seconds: float = OPEN_RETRY_SECONDS) -> StateStore:
         """Open (or create) the database for writing; move a damaged one aside and start anew.
+
+        Only damage moves it aside. A lock held by another program, a full disk or an I/O error
+        is waited out for up to `retry_seconds` (one `state_open_retry` log line), then raises
+        StoreError: moving a healthy record aside would re-send everything.
 
         One process at a time: an advisory lock beside the database keeps a second daemon or a
         `scan` from becoming a second writer (see the module docstring for why that matters).
@@ -323,13 +340,16 @@ class StateStore:
         owner_lock = _take_owner_lock(path)
         try:
             try:
-                store = cls._open_checked(path)
+                store = cls._open_retrying(path, retry_seconds)
             except sqlite3.DatabaseError as exc:
-                if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
-                    raise StoreError(f"{path}: cannot open the state database: {exc}") from exc
                 aside = _move_aside(path)
                 log.error("state_db_corrupt", path=str(path), moved_to=str(aside), error=str(exc))
-                store = cls._open_checked(path)
+                try:
+                    store = cls._open_retrying(path, retry_seconds)
+                except sqlite3.DatabaseError as again:
+                    raise StoreError(
+                        f"{path}: cannot create the state database: {again}"
+                    ) from again
         except BaseException:
             os.close(owner_lock)
             raise
@@ -337,18 +357,70 @@ class StateStore:
         return store
 
     @classmethod
+    def _open_retrying(cls, path: Path, retry_seconds: float) -> StateStore:
+        """`_open_checked`, again and again while the failure is one that passes.
+
+        Raises sqlite3.DatabaseError only for damage; StoreError for everything else.
+        """
+        started = time.monotonic()
+        delay_seconds = _OPEN_FIRST_DELAY_SECONDS
+        announced = False
+        while True:
+            try:
+                store = cls._open_checked(path)
+            except sqlite3.DatabaseError as exc:
+                if _is_damage(exc):
+                    raise
+                code = _primary_code(exc)
+                if code in _OPEN_NOT_TRANSIENT:
+                    raise StoreError(f"{path}: cannot open the state database: {exc}") from exc
+                waited_seconds = time.monotonic() - started
+                if waited_seconds + delay_seconds > retry_seconds:
+                    raise StoreError(
+                        f"{path}: cannot open the state database"
+                        f" (gave up after {retry_seconds:g} s): {exc}"
+                    ) from exc
+                if not announced:
+                    announced = True
+                    log.warning(
+                        "state_open_retry",
+                        path=str(path),
+                        reason=str(exc),
+                        hint=_open_hint(code),
+                        give_up_after_seconds=retry_seconds,
+                    )
+                time.sleep(delay_seconds)
+                delay_seconds = min(delay_seconds * 2, _OPEN_MAX_DELAY_SECONDS)
+                continue
+            if announced:
+                log.info(
+                    "state_open_recovered",
+                    path=str(path),
+                    waited_seconds=round(time.monotonic() - started, 1),
+                )
+            return store
+
+    @classmethod
     def _open_checked(cls, path: Path) -> StateStore:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        # A short busy wait: a lock held longer is retried by the caller, with a log line.
+        db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=_OPEN_BUSY_SECONDS
+        )
         try:
             result = db.execute("PRAGMA quick_check").fetchone()
             if result is None or result[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {result[0] if result else 'no answer'}")
+                damaged = sqlite3.DatabaseError(
+                    f"quick_check: {result[0] if result else 'no answer'}"
+                )
+                damaged.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+                raise damaged
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             store = cls(db, path, read_only=False)
             store._migrate()
-        except sqlite3.DatabaseError:
+            db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MILLISECONDS}")
+        except BaseException:  # a newer schema's StoreError too: no connection left behind
             db.close()
             raise
         return store
@@ -980,6 +1052,30 @@ def _take_owner_lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code: int | None = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF  # the extended code's low byte is the primary
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """SQLite says the file is not a database or is malformed (or quick_check found damage)."""
+    code = _primary_code(exc)
+    if code is not None:
+        return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    text = str(exc)
+    return "not a database" in text or "malformed" in text
+
+
+def _open_hint(code: int | None) -> str:
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return "another program holds the database (an sqlite3 shell, a backup?); waiting for it"
+    if code == sqlite3.SQLITE_FULL:
+        return "the state folder's disk is full: free space there; waiting"
+    if code == sqlite3.SQLITE_IOERR:
+        return "the disk reported an I/O error: check it is present and has free space; waiting"
+    return "waiting for the error to pass"
 
 
 def _move_aside(path: Path) -> Path:

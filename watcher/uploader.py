@@ -15,7 +15,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -112,6 +113,9 @@ class Uploader:
     ) -> None:
         self._store = store
         self._client = client
+        # Requests using each client right now; a replaced client is closed when its count ends.
+        self._client_users: dict[NucleusClient, int] = {}
+        self._owns_client = False  # True once the client came through replace_client
         self._policy = policy
         self._events = events or UploadEvents()
         self._clock = clock
@@ -169,6 +173,10 @@ class Uploader:
                 "upload_stop_timeout", unfinished=unfinished, timeout_seconds=timeout_seconds
             )
         self._threads = [t for t in self._threads if t.is_alive()]
+        with self._lock:
+            owned = self._client if self._owns_client else None
+        if owned is not None:
+            owned.close()
         return not unfinished
 
     def wake(self) -> None:
@@ -191,9 +199,38 @@ class Uploader:
             self._lock.notify_all()
 
     def replace_client(self, client: NucleusClient) -> None:
-        """A new API key: requests from now on use `client` (one in flight finishes as it was)."""
+        """A new API key: requests from now on use `client` (one in flight finishes as it was).
+
+        The replaced client is closed as soon as no request uses it. `client` belongs to the
+        uploader from then on: it is closed when replaced in turn, or by `stop()`.
+        """
         with self._lock:
+            old = self._client
+            if client is old:
+                return
             self._client = client
+            self._owns_client = True
+            idle = old not in self._client_users
+        if idle:
+            old.close()
+
+    @contextmanager
+    def _client_in_use(self) -> Iterator[NucleusClient]:
+        """The current client, counted as in use until the block ends."""
+        with self._lock:
+            client = self._client
+            self._client_users[client] = self._client_users.get(client, 0) + 1
+        retired = False
+        try:
+            yield client
+        finally:
+            with self._lock:
+                users = self._client_users.pop(client) - 1
+                if users:
+                    self._client_users[client] = users
+                retired = not users and client is not self._client
+            if retired:
+                client.close()  # outside the lock: it joins the client's deadline thread
 
     def is_alive(self) -> bool:
         """Every thread that was started is still running (for the systemd watchdog); a job
@@ -298,9 +335,10 @@ class Uploader:
         dataset_id = batch[0].dataset_id
         started = time.monotonic()
         try:
-            result = self._client.append(
-                dataset_id, _items(batch), asynchronous=self._policy.asynchronous
-            )
+            with self._client_in_use() as client:
+                result = client.append(
+                    dataset_id, _items(batch), asynchronous=self._policy.asynchronous
+                )
         except LocalFileError as exc:
             self._events.request_done(time.monotonic() - started, 0, False)
             self._drop_local_file(batch, exc)
@@ -467,7 +505,8 @@ class Uploader:
 
     def _check_job(self, job_id: str, ids: list[int]) -> None:
         try:
-            state = self._client.job(job_id)
+            with self._client_in_use() as client:
+                state = client.job(job_id)
         except (UnauthorizedError, RetryableUploadError):
             raise
         except PermanentUploadError as exc:
@@ -484,7 +523,8 @@ class Uploader:
         if state.succeeded:
             self._confirm(records)
         elif state.user_error:
-            errors = self._client.job_errors(job_id, [r.reference_id for r in records])
+            with self._client_in_use() as client:
+                errors = client.job_errors(job_id, [r.reference_id for r in records])
             general = errors.get("")
             for record in records:
                 reason = errors.get(record.reference_id)
