@@ -81,13 +81,17 @@ def small_state_fs(tmp_path: Path) -> Iterator[Path]:
 
 def fill(folder: Path) -> Path:
     filler = folder / "filler"
-    with filler.open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+    # Unbuffered writes: a buffered file's close() would retry the last partial write and
+    # raise ENOSPC outside the loop.
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block = b"\0" * 65536
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
     return filler
 
 
