@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,40 @@ def test_a_file_rewritten_during_the_async_job_is_kept_until_its_new_bytes_are_s
         assert item.times_written == 2
         if mode == "move":
             assert (archive / "Sunny" / "a.jpg").read_bytes() == second
+        assert daemon.stop() == 0
+
+
+def test_a_rule_change_during_the_send_is_sent_before_the_file_is_deleted(
+    tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    root = tmp_path / "cam"
+    (root / "Sunny").mkdir(parents=True)
+    # The answer drips slowly: the request is still out when the rules change.
+    with DevServer(data_dir=tmp_path / "srv", drip_byte_interval_seconds=0.05) as server:
+
+        def config_with(label: str) -> Path:
+            rule = {"match": "{weather}/**", "metadata": {"weather": "{weather}", "rig": label}}
+            return write_config(
+                tmp_path,
+                endpoint=server.base_url,
+                watches=[{"path": str(root), "dataset_id": "ds_rule", "rules": [rule]}],
+                upload={"after_upload": "delete"},
+            )
+
+        config = config_with("v1")
+        daemon = DaemonProcess(config, tmp_path)
+        daemons.append(daemon)
+        daemon.start()
+        server.inject_faults("drip")
+        path = root / "Sunny" / "a.jpg"
+        data = write_jpeg(path, seed=5)
+        assert wait_until(lambda: "Sunny/a.jpg" in server.items("ds_rule"), 20)
+        config_with("v2")
+        daemon.signal(signal.SIGHUP)
+        assert wait_until(lambda: not path.exists(), 30), daemon.log_text()[-3000:]
+        item = server.items("ds_rule")["Sunny/a.jpg"]
+        assert item.metadata == {"weather": "Sunny", "rig": "v2"}  # the update went first
+        assert server.image_bytes(item.image_sha256 or "") == data
         assert daemon.stop() == 0
 
 
