@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from python_multipart.multipart import parse_options_header
 
+from watcher.bandwidth import TokenBucket
 from watcher.devserver.append_items import (
     MAX_FILES_PER_REQUEST,
     _items_from_form,
@@ -77,6 +78,7 @@ class _ServerContext:
     api_key: str | None
     max_body_bytes: int
     drip_byte_interval_seconds: float
+    link: TokenBucket | None = None  # paces reading every request body, all connections
     down: bool = False
 
 
@@ -161,7 +163,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise _RequestRejected(400, "Content-Length is negative")
         max_bytes = self.server.context.max_body_bytes
-        reader = _BodyReader(self.rfile, content_length, chunked, max_bytes)
+        reader = _BodyReader(
+            self.rfile, content_length, chunked, max_bytes, self.server.context.link
+        )
         if content_length is not None and content_length > max_bytes:
             raise _RequestRejected(413, f"request body is larger than {max_bytes} bytes")
         return reader
