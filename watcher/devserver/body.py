@@ -10,6 +10,7 @@ from watcher.bandwidth import TokenBucket
 from watcher.devserver.request_failures import _ClientGone, _RequestRejected
 
 _READ_CHUNK_BYTES: Final = 1 << 20
+_LINK_READ_BYTES: Final = 8 * 1024
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -49,7 +50,7 @@ class _BodyReader:
         if self._link is not None:
             # Small reads, so connections sharing the link take turns instead of one booking
             # a second of it at once.
-            wanted = min(wanted, self._link.burst_bytes)
+            wanted = min(wanted, _LINK_READ_BYTES)
         # read1 hands over what one recv brought instead of waiting for the whole piece.
         data = self._rfile.read1(wanted)
         if not data:

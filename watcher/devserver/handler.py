@@ -45,6 +45,12 @@ _RESET_READ_BYTES: Final = 64 << 10
 _STALL_SECONDS: Final = 300.0
 _IDLE_CONNECTION_SECONDS: Final = 300.0
 _LINGER_DRAIN_SECONDS: Final = 2.0
+# With a link rate the connection should look like one over a real network: the kernel may
+# hold only a little of a body the handler has not read (a big receive buffer would acknowledge
+# megabytes at once, which no thin link does), in Ethernet-sized segments (loopback's 64 KiB
+# segments leave a nearly closed window stuck until a whole segment fits).
+_LINK_RECEIVE_BUFFER_BYTES: Final = 16 * 1024
+_LINK_SEGMENT_BYTES: Final = 1448
 
 
 def _item_answer(dataset_id: str, item: StoredItem) -> dict[str, Any]:
@@ -453,6 +459,11 @@ class _HttpServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
+        if self.context.link is not None:
+            # Set on the listening socket, so accepted ones inherit it before the handshake
+            # fixes their window scale.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LINK_RECEIVE_BUFFER_BYTES)
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, _LINK_SEGMENT_BYTES)
         # HTTPServer.server_bind looks up the host's FQDN, which can stall on a broken resolver.
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
