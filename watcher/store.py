@@ -226,6 +226,16 @@ def _placeholders(count: int) -> str:
     return ",".join("?" * count)
 
 
+def _within_bytes(rows: list[sqlite3.Row], max_bytes: int) -> list[sqlite3.Row]:
+    """The leading rows whose sizes add up to at most `max_bytes`, and at least the first."""
+    total = 0
+    for count, row in enumerate(rows):
+        total += max(0, row["size_bytes"])  # -1 marks a size to be learned again
+        if count and total > max_bytes:
+            return rows[:count]
+    return rows
+
+
 class StateStore:
     """The only writer of the state database. Thread-safe: every call holds the store's lock."""
 
@@ -653,12 +663,18 @@ class StateStore:
 
     @_waits_for_disk_space
     def claim_batch(
-        self, max_items: int, *, now: float | None = None, newest_first: bool = False
+        self,
+        max_items: int,
+        *,
+        now: float | None = None,
+        newest_first: bool = False,
+        max_bytes: int | None = None,
     ) -> list[FileRecord]:
         """Take up to `max_items` due files that can share one request; they become in_flight.
 
         A batch shares a dataset and a kind (file bytes or remote URL; remote URLs also share
-        `update`, which the JSON form carries once per request).
+        `update`, which the JSON form carries once per request). With `max_bytes`, the batch
+        stops before the file that would take it over that size; the first file always goes.
         """
         now = time.time() if now is None else now
         order = "DESC" if newest_first else "ASC"
@@ -686,6 +702,8 @@ class StateStore:
                 f" ORDER BY mtime_ns {order}, id {order} LIMIT ?",
                 (PENDING, now, first["dataset_id"], *kind_params, max_items),
             ).fetchall()
+            if max_bytes is not None:
+                rows = _within_bytes(rows, max_bytes)
             ids = [row["id"] for row in rows]
             db.execute(
                 f"UPDATE files SET state = ?, requeue = 0, sent_content_sha256 = content_sha256,"

@@ -26,6 +26,7 @@ from watcher.errors import (
     UnauthorizedError,
     UploadError,
 )
+from watcher.link_rate import LinkRate
 from watcher.nucleus_client import AppendResult, LocalFileError, NucleusClient, UploadItem
 from watcher.store import FileRecord, StateStore
 
@@ -44,6 +45,8 @@ class UploadPolicy:
     newest_first: bool = False
     asynchronous: bool = False
     job_poll_seconds: float = 2.0
+    # How long a request should take at the measured rate on a thin link (see link_rate.py).
+    request_target_seconds: float = 30.0
 
 
 class UploadEvents:
@@ -130,6 +133,12 @@ class Uploader:
         self._last_wake_at = 0.0
         self._wakes_in_burst = 0
         self._threads: list[threading.Thread] = []
+        self._link = LinkRate(
+            concurrency=policy.concurrency,
+            max_files_per_request=policy.max_files_per_request,
+            target_seconds=policy.request_target_seconds,
+        )
+        self._waiting_for_link = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -233,6 +242,8 @@ class Uploader:
                 with self._lock:
                     self._busy_workers -= 1
                     self._idle.notify_all()
+                    if self._waiting_for_link:
+                        self._lock.notify_all()
 
     def _next_batch(self) -> list[FileRecord] | None:
         lingered = False
@@ -257,6 +268,13 @@ class Uploader:
                     while not self._stopping and (left := linger_until - time.monotonic()) > 0:
                         self._lock.wait(left)
                     continue
+                shape = self._link.shape()
+                if self._busy_workers >= shape.max_in_flight:
+                    # A thin link: another request would only split it (see link_rate.py).
+                    self._waiting_for_link += 1
+                    self._lock.wait(5.0)  # a finishing request notifies
+                    self._waiting_for_link -= 1
+                    continue
                 # Counted as busy while claiming, so `wait_until_drained` never sees a batch
                 # that left the queue but is not yet in anyone's hands.
                 self._busy_workers += 1
@@ -264,7 +282,10 @@ class Uploader:
             # The claim runs outside our lock: a store write can stall (full disk) and that
             # must not stall `stop()` or `wake()` with it.
             batch = self._store.claim_batch(
-                self._policy.max_files_per_request, now=now, newest_first=self._policy.newest_first
+                self._policy.max_files_per_request,
+                now=now,
+                newest_first=self._policy.newest_first,
+                max_bytes=shape.max_bytes,
             )
             if batch:
                 return batch
@@ -303,7 +324,10 @@ class Uploader:
             else:
                 self._park(batch, exc.reason)
         else:
-            self._events.request_done(time.monotonic() - started, result.bytes_sent, True)
+            finished = time.monotonic()
+            self._events.request_done(finished - started, result.bytes_sent, True)
+            if batch[0].remote_url is None:  # a URL list says nothing about the uplink
+                self._link.record(started, finished, result.bytes_sent, len(batch))
             with self._lock:
                 self._consecutive_failures = 0
             self._record_answer(batch, result)
