@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="write the sample images over about N seconds",
     )
+    demo.add_argument(
+        "--link-rate",
+        type=_link_rate,
+        default=None,
+        metavar="RATE",
+        help='a thin uplink: the devserver reads uploads at most this fast ("64KiB/s")',
+    )
     return parser
 
 
@@ -126,7 +133,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from watcher.demo import run_demo
 
-        return run_demo(keep=args.keep, seconds=args.seconds)
+        return run_demo(
+            keep=args.keep, seconds=args.seconds, link_rate_bytes_per_second=args.link_rate
+        )
 
     from watcher.config import load_settings, resolve_api_key
     from watcher.logs import configure_logging

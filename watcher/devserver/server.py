@@ -25,7 +25,8 @@ from watcher.errors import ConfigError
 
 DEFAULT_MAX_BODY_BYTES: Final = (1 << 30) + (16 << 20)  # 1 GiB of images + room for the form
 _JOIN_TIMEOUT_SECONDS: Final = 5.0
-_POLL_INTERVAL_SECONDS: Final = 0.05  # how quickly stop() is noticed by the accept loop
+_POLL_INTERVAL_SECONDS: Final = 0.05
+_LINK_MIN_BURST_BYTES: Final = 8 * 1024  # how quickly stop() is noticed by the accept loop
 
 
 # --------------------------------------------------------------------------- the server
@@ -71,7 +72,11 @@ class DevServer:
         self._api_key = api_key
         self._max_body_bytes = max_body_bytes
         self._drip_byte_interval_seconds = drip_byte_interval_seconds
-        self._link = TokenBucket(link_rate_bytes_per_second) if link_rate_bytes_per_second else None
+        self._link: TokenBucket | None = None
+        if link_rate_bytes_per_second:
+            # A link has no 64 KiB of credit to spend at once: an eighth of a second at most.
+            burst_bytes = max(_LINK_MIN_BURST_BYTES, link_rate_bytes_per_second // 8)
+            self._link = TokenBucket(link_rate_bytes_per_second, burst_bytes)
         self._jobs = _JobBook(job_delay_seconds)
         self._faults = _FaultPlan()
         self._log = _RequestLog(on_request)
