@@ -17,8 +17,8 @@ def four_workers(target_seconds: float = 30.0) -> LinkRate:
     return LinkRate(concurrency=4, max_files_per_request=10, target_seconds=target_seconds)
 
 
-def test_before_any_measurement_one_modest_request_probes_the_link() -> None:
-    assert four_workers().shape() == RequestShape(1, START_RATE_BYTES_PER_SECOND * 30)
+def test_before_any_measurement_requests_are_sized_for_the_thinnest_link() -> None:
+    assert four_workers().shape() == RequestShape(4, START_RATE_BYTES_PER_SECOND * 30)
 
 
 def test_a_fast_link_gets_full_batches_from_every_worker() -> None:
@@ -65,7 +65,7 @@ def test_the_rate_follows_the_recent_requests() -> None:
     assert link.shape() == RequestShape(4, None)
 
 
-def _queue(store: StateStore, tmp_path: Path, sizes: list[int]) -> None:
+def _queue(store: StateStore, tmp_path: Path, sizes: list[int], remote: bool = False) -> None:
     for index, size in enumerate(sizes):
         store.record_candidate(
             Candidate(
@@ -78,7 +78,7 @@ def _queue(store: StateStore, tmp_path: Path, sizes: list[int]) -> None:
                 content_sha256=f"{index:064x}",
                 metadata={},
                 metadata_sha256="m",
-                remote_url=None,
+                remote_url=f"https://images.example.com/f{index}.jpg" if remote else None,
             ),
             now=0.0,
         )
@@ -97,3 +97,15 @@ def test_a_claim_stops_before_the_file_that_would_pass_the_byte_budget(tmp_path:
     assert [r.reference_id for r in first] == ["f0", "f1"]
     assert [r.reference_id for r in second] == ["f2"]
     assert [r.reference_id for r in rest] == ["f3"]
+
+
+def test_a_byte_budget_does_not_limit_remote_urls(tmp_path: Path) -> None:
+    # The local file only marks the item; the service fetches the URL, our uplink sends none.
+    store = StateStore.open(tmp_path / "state.db")
+    try:
+        _queue(store, tmp_path, [5 * MB] * 4, remote=True)
+        batch = store.claim_batch(10, now=1.0, max_bytes=MB)
+    finally:
+        store.close()
+
+    assert len(batch) == 4

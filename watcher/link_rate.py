@@ -5,7 +5,8 @@ On a fast link the answer is what it always was: `max_files_per_request` files p
 `concurrency` requests at once. On a thin link a request of ten camera frames takes minutes and
 four of them only split the link four ways, so each takes four times as long. There a request
 is sized to take about `target_seconds` at the measured rate (always at least one file: a file
-is never split) and two are in flight, one sending while the other is being answered.
+is never split) and two are in flight, one sending while the other is being answered. Until
+the first request is measured, requests are sized for the thinnest link we promise to drain.
 
 The rate is measured over the last few successful requests: the bytes they sent divided by the
 time at least one of them was under way, so idle gaps between trickling files do not count
@@ -61,8 +62,10 @@ class LinkRate:
         with self._lock:
             rate = self._rate_bytes_per_second
             if rate is None:
-                # One modest request finds out what the link does.
-                return RequestShape(1, round(START_RATE_BYTES_PER_SECOND * self._target_seconds))
+                # Modest first requests find out what the link does. Not fewer of them: uploads
+                # of remote URLs alone are never measured and must not be held back.
+                budget_bytes = round(START_RATE_BYTES_PER_SECOND * self._target_seconds)
+                return RequestShape(self._concurrency, budget_bytes)
             budget_bytes = rate * self._target_seconds
             every_worker_full_bytes = self._concurrency * self._max_files * self._bytes_per_file
             if every_worker_full_bytes <= budget_bytes:

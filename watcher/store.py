@@ -673,8 +673,9 @@ class StateStore:
         """Take up to `max_items` due files that can share one request; they become in_flight.
 
         A batch shares a dataset and a kind (file bytes or remote URL; remote URLs also share
-        `update`, which the JSON form carries once per request). With `max_bytes`, the batch
-        stops before the file that would take it over that size; the first file always goes.
+        `update`, which the JSON form carries once per request). With `max_bytes`, a batch of
+        local files stops before the file that would take it over that size (the first always
+        goes); remote URLs send no file bytes, so it does not limit them.
         """
         now = time.time() if now is None else now
         order = "DESC" if newest_first else "ASC"
@@ -702,7 +703,7 @@ class StateStore:
                 f" ORDER BY mtime_ns {order}, id {order} LIMIT ?",
                 (PENDING, now, first["dataset_id"], *kind_params, max_items),
             ).fetchall()
-            if max_bytes is not None:
+            if max_bytes is not None and not first["remote"]:
                 rows = _within_bytes(rows, max_bytes)
             ids = [row["id"] for row in rows]
             db.execute(
