@@ -64,8 +64,8 @@ class LinkRate:
             if rate is None:
                 # Modest first requests find out what the link does. Not fewer of them: uploads
                 # of remote URLs alone are never measured and must not be held back.
-                budget_bytes = round(START_RATE_BYTES_PER_SECOND * self._target_seconds)
-                return RequestShape(self._concurrency, budget_bytes)
+                first_bytes = round(START_RATE_BYTES_PER_SECOND * self._target_seconds)
+                return RequestShape(self._concurrency, first_bytes)
             budget_bytes = rate * self._target_seconds
             every_worker_full_bytes = self._concurrency * self._max_files * self._bytes_per_file
             if every_worker_full_bytes <= budget_bytes:
