@@ -725,6 +725,48 @@ def test_without_a_data_dir_the_temporary_folder_is_removed(tmp_path: Path) -> N
     server.stop()  # idempotent
 
 
+# --------------------------------------------------------------------------- link rate
+
+
+def test_link_rate_is_one_link_shared_by_every_connection(tmp_path: Path) -> None:
+    rate = 512 * 1024
+    images = [jpeg_bytes(seed=seed) + b"\0" * 400_000 for seed in range(2)]
+    with DevServer(data_dir=tmp_path / "link", link_rate_bytes_per_second=rate) as server:
+        answers: list[int] = []
+
+        def send(index: int) -> None:
+            filename = f"/cam/{index}.jpg"
+            form = list_form([item(f"r{index}", filename)], {filename: images[index]})
+            answers.append(append(server, files=form, timeout=30).status_code)
+
+        started = time.monotonic()
+        senders = [threading.Thread(target=send, args=(index,)) for index in range(2)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(60)
+        seconds = time.monotonic() - started
+
+    assert answers == [200, 200]
+    # ~800 kB through one 512 KiB/s link: both share it, so together they take ~1.5 s (the
+    # bucket starts with one burst in hand); two links of that rate would take half as long.
+    body_bytes = sum(len(image) for image in images)
+    assert seconds >= (body_bytes - 2 * 64 * 1024) / rate * 0.95
+
+
+def test_link_rate_option_is_checked_on_the_command_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher", "devserver", "--link-rate", "fast"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "argument --link-rate: cannot read 'fast' as a rate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --------------------------------------------------------------------------- command line
 
 

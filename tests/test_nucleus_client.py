@@ -452,6 +452,80 @@ def test_a_server_that_never_finishes_answering_hits_the_deadline(
     assert client.append(DATASET, [_local("b", path)], asynchronous=False).new_items == 1
 
 
+def test_a_slow_link_that_keeps_moving_is_not_timed_out(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    # 1.5 MB over 256 KiB/s takes ~6 s: three times the 2 s timeout, but bytes keep moving.
+    path = tmp_path / "big.jpg"
+    digest = write_large_jpeg(path, 1_500_000)
+    with DevServer(data_dir=tmp_path / "srv", link_rate_bytes_per_second=256 * 1024) as server:
+        client = make_client(server.base_url, timeout_seconds=2)
+        started = time.monotonic()
+        result = client.append(DATASET, [_local("big", path)], asynchronous=False)
+        seconds = time.monotonic() - started
+        stored = server.items(DATASET)["big"]
+
+    assert result.new_items == 1 and stored.image_sha256 == digest
+    assert seconds > 4.0  # it really was paced by the link
+
+
+def test_waiting_on_our_own_bandwidth_limit_is_not_lack_of_progress(
+    devserver: DevServer, make_client: ClientFactory, tmp_path: Path
+) -> None:
+    # Our own limiter holds 1.2 MB to ~4.5 s; the server is idle all the while, and that is us.
+    path = tmp_path / "big.jpg"
+    digest = write_large_jpeg(path, 1_200_000)
+    client = make_client(devserver.base_url, timeout_seconds=2, bandwidth=TokenBucket(256 * 1024))
+
+    result = client.append(DATASET, [_local("big", path)], asynchronous=False)
+
+    assert result.new_items == 1
+    assert devserver.items(DATASET)["big"].image_sha256 == digest
+
+
+@pytest.fixture
+def deaf_server() -> Iterator[str]:
+    """Accepts connections and never reads from them: a link that moves nothing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, name="deaf-server")
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1/nucleus"
+    finally:
+        stop.set()
+        thread.join()
+        for connection in accepted:
+            connection.close()
+        listener.close()
+
+
+def test_a_server_that_stops_reading_the_body_is_abandoned_after_the_timeout(
+    deaf_server: str, make_client: ClientFactory, tmp_path: Path
+) -> None:
+    # Far more than the kernel's buffers hold: the body gets stuck part of the way.
+    path = tmp_path / "big.jpg"
+    write_large_jpeg(path, 40_000_000)
+    client = make_client(deaf_server, timeout_seconds=2)
+
+    started = time.monotonic()
+    with pytest.raises(RetryableUploadError, match="timed out after 2 s"):
+        client.append(DATASET, [_local("big", path)], asynchronous=False)
+    waited_seconds = time.monotonic() - started
+
+    assert 1.9 <= waited_seconds < 2.0 + 2.0
+
+
 def test_a_body_over_the_servers_limit_is_permanent(
     tmp_path: Path, make_client: ClientFactory
 ) -> None:

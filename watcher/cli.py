@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     devserver.add_argument(
         "--dataset", action="append", default=[], help="the only dataset ids that exist"
     )
+    devserver.add_argument(
+        "--link-rate",
+        type=_link_rate,
+        default=None,
+        metavar="RATE",
+        help='read request bodies at most this fast, all connections together ("1MiB/s")',
+    )
     demo = commands.add_parser(
         "demo", help="the whole thing on a temporary folder against a local devserver, no setup"
     )
@@ -71,7 +78,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="write the sample images over about N seconds",
     )
+    demo.add_argument(
+        "--link-rate",
+        type=_link_rate,
+        default=None,
+        metavar="RATE",
+        help='a thin uplink: the devserver reads uploads at most this fast ("64KiB/s")',
+    )
     return parser
+
+
+def _link_rate(text: str) -> int | None:
+    from watcher.config import parse_bandwidth_limit
+
+    try:
+        return parse_bandwidth_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,13 +121,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         from watcher.devserver import serve_forever_cli
 
         return serve_forever_cli(
-            args.host, args.port, args.data, args.api_key, args.job_delay, args.dataset
+            args.host,
+            args.port,
+            args.data,
+            args.api_key,
+            args.job_delay,
+            args.dataset,
+            args.link_rate,
         )
 
     if args.command == "demo":
         from watcher.demo import run_demo
 
-        return run_demo(keep=args.keep, seconds=args.seconds)
+        return run_demo(
+            keep=args.keep, seconds=args.seconds, link_rate_bytes_per_second=args.link_rate
+        )
 
     from watcher.config import load_settings, resolve_api_key
     from watcher.logs import configure_logging

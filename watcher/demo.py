@@ -492,12 +492,19 @@ def _follow(
             return
 
 
-def run_demo(*, keep: bool, seconds: float, out: TextIO = sys.stdout) -> int:
+def run_demo(
+    *,
+    keep: bool,
+    seconds: float,
+    out: TextIO = sys.stdout,
+    link_rate_bytes_per_second: int | None = None,
+) -> int:
     """Run the demo; 0 when every sample arrived byte-identical, 1 otherwise, 130 on Ctrl-C.
 
     `seconds`: about how long writing the samples takes. With `keep`, after the summary the
     daemon and devserver keep running (and uploads keep being reported) until Ctrl-C, and the
-    temporary folder is left in place.
+    temporary folder is left in place. `link_rate_bytes_per_second`: the devserver reads
+    uploads no faster, like a thin uplink.
     """
     if not (math.isfinite(seconds) and seconds >= 0):
         raise ConfigError(f"demo: --seconds must be a number, 0 or more (got {seconds:g})")
@@ -505,6 +512,7 @@ def run_demo(*, keep: bool, seconds: float, out: TextIO = sys.stdout) -> int:
     if not samples:
         raise ConfigError("demo: no sample images in the installed package (watcher/samples)")
     demo = _Demo(samples, keep=keep, seconds=seconds, out=out)
+    demo.link_rate_bytes_per_second = link_rate_bytes_per_second
     with _Signals() as signals:
         try:
             return demo.run()
@@ -531,6 +539,7 @@ class _Demo:
         self.process: subprocess.Popen[bytes] | None = None
         self._kept = False  # the summary is out and the demo is waiting for Ctrl-C
         self._code = 1
+        self.link_rate_bytes_per_second: int | None = None
 
     def run(self) -> int:
         line = self._reporter.line
@@ -544,6 +553,7 @@ class _Demo:
             api_key=_DEMO_API_KEY,
             datasets=[DEMO_DATASET_ID],
             on_request=arrivals,
+            link_rate_bytes_per_second=self.link_rate_bytes_per_second,
         )
         server.start()
         arrivals.attach(server)
@@ -560,6 +570,11 @@ class _Demo:
                 start_new_session=True,  # Ctrl-C reaches only us; we stop it in order
             )
             _print_intro(self._reporter, images, server, process.pid, config)
+            if self.link_rate_bytes_per_second:
+                self._reporter.line(
+                    f"  link       the devserver reads uploads at"
+                    f" {self.link_rate_bytes_per_second} bytes/s"
+                )
             if not _wait_ready(process, sock):
                 line(_daemon_failed(process, "before it was ready"))
                 return 1

@@ -1,5 +1,5 @@
-"""HTTP to the Nucleus append, job and info routes: streaming multipart, a whole-request
-deadline, and the split of failures into retryable and permanent ones.
+"""HTTP to the Nucleus append, job and info routes: streaming multipart, an idle deadline, and
+the split of failures into retryable and permanent ones.
 
 Nothing here sleeps to retry or touches the state store; the uploader decides what happens
 after an error. The wire format follows `shared/nucleus-api.md` (and the official client).
@@ -9,10 +9,12 @@ urllib3's pool hands each in-flight request its own connection (a thread-safe qu
 workers share warm keep-alive connections instead of each holding a private pool, and `close()`
 has one pool to shut. Cookies are refused so the session carries no state between requests.
 
-Deadline: requests has no total timeout. Each request gets a `_RequestDeadline`; connect and
-read timeouts are bounded by the time left, the streaming body and the answer reader check it
-between chunks, and a single reaper thread shuts down the socket of any request still running
-when its deadline passes (this is what stops a server that drips one byte a second).
+Deadline: `timeout_seconds` is an idle timeout, as rclone's `--timeout`: a request lives as
+long as bytes move, however long that takes on a thin link, and ends once it has gone
+`timeout_seconds` without progress (see `_RequestDeadline` for what counts). Each request gets
+a `_RequestDeadline`; the body and the answer reader report progress, and a single reaper thread
+reviews every request now and then and shuts down the socket of one that made none. The answer
+counts only in whole chunks, so a server that drips one byte a second is still abandoned.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import math
 import os
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack, suppress
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +74,12 @@ _ERROR_TEXT_MAX_CHARS = 300
 _ITEM_ERROR_MAX_CHARS = 1000
 # A host that does not complete the TCP handshake in this time will not do it later either.
 _CONNECT_TIMEOUT_CAP_SECONDS = 30.0
+# The reaper reviews a request's progress this many times per timeout: a stalled request ends
+# at most timeout/8 late, and a long upload costs the reaper a wake-up every timeout/8.
+_REVIEWS_PER_TIMEOUT = 8
+# struct tcp_info up to and including tcpi_bytes_acked (Linux 4.1+); read a little more.
+_TCP_INFO_BYTES_ACKED_END = 128
+_TCP_INFO_READ_BYTES = 256
 _REMOTE_URL_PREFIXES = ("gs://", "s3://", "http://", "https://")
 _IMAGE_CONTENT_TYPES = {
     ".jpg": "image/jpeg",
@@ -166,7 +175,7 @@ class LocalFileError(PermanentUploadError):
         self.path = path
 
 
-# -- whole-request deadline ----------------------------------------------------------------
+# -- idle deadline -------------------------------------------------------------------------
 
 
 class _DeadlineExceeded(Exception):
@@ -178,11 +187,24 @@ class _BodyChanged(Exception):
 
 
 class _RequestDeadline:
-    """The moment one request must be over, and the connections it is using."""
+    """Ends one request once it has gone `timeout_seconds` without progress.
+
+    Progress is: a piece of the request handed to the kernel, a full chunk of the answer read,
+    or the peer acknowledging more bytes (the reaper reads TCP_INFO, so a send that waits while
+    a thin link drains the kernel's buffer is not mistaken for a stall). Time spent waiting on
+    our own bandwidth limiter (`paused`) is no lack of progress. A server that takes the whole
+    body and then says nothing, or drips its short answer, makes none and is abandoned.
+    """
 
     def __init__(self, timeout_seconds: float) -> None:
         self.timeout_seconds = timeout_seconds
-        self.expires_at = time.monotonic() + timeout_seconds
+        # The reaper looks this often; a stalled request ends at most this late.
+        self.review_interval_seconds = timeout_seconds / _REVIEWS_PER_TIMEOUT
+        # Plain attributes written by the request's thread and read by the reaper: each is one
+        # atomic store, and a stale read only delays a decision by one review.
+        self._last_progress_at = time.monotonic()
+        self._paused = False
+        self._acked_seen: int | None = None
         self._lock = threading.Lock()
         self._connections: list[HTTPConnection] = []
         self._expired = False
@@ -190,14 +212,51 @@ class _RequestDeadline:
 
     @property
     def expired(self) -> bool:
-        return self._expired or time.monotonic() >= self.expires_at
-
-    def remaining_seconds(self) -> float:
-        return max(0.001, self.expires_at - time.monotonic())
+        return self._expired
 
     def check(self) -> None:
-        if self.expired:
+        if self._expired:
             raise _DeadlineExceeded
+
+    def progressed(self) -> None:
+        self._last_progress_at = time.monotonic()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """While our own bandwidth limiter holds the request back: that is not the link."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            self.progressed()
+
+    def review(self, now: float) -> float | None:
+        """Called by the reaper: when to look again, or None when the request must end."""
+        acked = self._bytes_acknowledged()
+        if acked is not None:
+            if self._acked_seen is not None and acked != self._acked_seen:
+                self._last_progress_at = max(self._last_progress_at, now)
+            self._acked_seen = acked
+        if self._paused:
+            return now + self.review_interval_seconds
+        idle_until = self._last_progress_at + self.timeout_seconds
+        if now >= idle_until:
+            return None
+        return min(idle_until, now + self.review_interval_seconds)
+
+    def _bytes_acknowledged(self) -> int | None:
+        total: int | None = None
+        for connection in self._own_connections():
+            acked = _tcp_bytes_acked(connection.sock)
+            if acked is not None:
+                total = (total or 0) + acked
+        return total
+
+    def _own_connections(self) -> list[HTTPConnection]:
+        with self._lock:
+            # A connection already handed back to the pool may now serve someone else.
+            return [c for c in self._connections if getattr(c, "_nucleus_deadline", None) is self]
 
     def attach(self, connection: HTTPConnection) -> None:
         with self._lock:
@@ -219,10 +278,28 @@ class _RequestDeadline:
             if self.finished:
                 return
             self._expired = True
-            # A connection already handed back to the pool may now serve someone else.
-            mine = [c for c in self._connections if getattr(c, "_nucleus_deadline", None) is self]
-        for connection in mine:
+        for connection in self._own_connections():
             _shut_down(connection)
+
+
+def _tcp_bytes_acked(sock: socket.socket | None) -> int | None:
+    """How many bytes the peer has acknowledged on this TCP connection; None if unknown.
+
+    Linux's `struct tcp_info` holds `tcpi_bytes_acked` (a u64) at byte 120 since 4.1; other
+    systems fall back to counting only what we hand to the kernel.
+    """
+    option = getattr(socket, "TCP_INFO", None)
+    if sock is None or option is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_READ_BYTES)
+    except (OSError, ValueError):  # closed meanwhile, or not a TCP socket
+        return None
+    if len(info) < _TCP_INFO_BYTES_ACKED_END:
+        return None
+    return int.from_bytes(
+        info[_TCP_INFO_BYTES_ACKED_END - 8 : _TCP_INFO_BYTES_ACKED_END], sys.byteorder
+    )
 
 
 def _shut_down(connection: HTTPConnection) -> None:
@@ -237,7 +314,8 @@ def _shut_down(connection: HTTPConnection) -> None:
 
 
 class _DeadlineReaper:
-    """One thread for all requests of a client: expires each deadline when it comes."""
+    """One thread for all requests of a client: reviews each request's progress now and
+    then, and ends the ones that have made none for their timeout."""
 
     # Finished deadlines stay in the heap until they surface; rebuild it when they dominate.
     _COMPACT_AFTER_FINISHED = 1024
@@ -257,7 +335,7 @@ class _DeadlineReaper:
                     target=self._run, name="nucleus-deadline-reaper", daemon=True
                 )
                 self._thread.start()
-            heapq.heappush(self._heap, (deadline.expires_at, next(self._sequence), deadline))
+            self._push(time.monotonic() + deadline.review_interval_seconds, deadline)
             self._condition.notify()
 
     def forget(self, deadline: _RequestDeadline) -> None:
@@ -280,6 +358,9 @@ class _DeadlineReaper:
         if thread is not None:
             thread.join()
 
+    def _push(self, at: float, deadline: _RequestDeadline) -> None:
+        heapq.heappush(self._heap, (at, next(self._sequence), deadline))
+
     def _run(self) -> None:
         while True:
             due: list[_RequestDeadline] = []
@@ -296,8 +377,15 @@ class _DeadlineReaper:
                 if not due:
                     wait = self._heap[0][0] - now if self._heap else None
                     self._condition.wait(wait)
+            # Reviews read socket options: outside the lock, so watch() and forget() never wait.
             for deadline in due:
-                deadline.expire()
+                next_review_at = deadline.review(time.monotonic())
+                if next_review_at is None:
+                    deadline.expire()
+                    continue
+                with self._condition:
+                    if not deadline.finished:
+                        self._push(next_review_at, deadline)
 
 
 # The deadline of the request the current thread is making; the connection classes below
@@ -320,6 +408,16 @@ class _DeadlineHTTPConnection(HTTPConnection):
     def request(self, *args: Any, **kwargs: Any) -> None:
         _attach_current_deadline(self)
         super().request(*args, **kwargs)
+
+    def send(self, data: Any) -> None:
+        deadline: _RequestDeadline | None = getattr(_current, "deadline", None)
+        if deadline is not None and self.sock is not None:
+            # The reaper judges progress. A socket timeout would instead end a send that waits
+            # while a thin link drains the kernel's buffer, which is progress, not a stall.
+            self.sock.settimeout(None)
+        super().send(data)
+        if deadline is not None:
+            deadline.progressed()
 
 
 class _DeadlineHTTPSConnection(_DeadlineHTTPConnection, HTTPSConnection):
@@ -404,8 +502,9 @@ class _MeteredBody:
         if self.bytes_read + len(chunk) > self._length:
             raise _BodyChanged
         if self._bucket is not None:
-            self._bucket.take(len(chunk))
-            self._deadline.check()  # the bucket may have held us past the deadline
+            with self._deadline.paused():
+                self._bucket.take(len(chunk))
+            self._deadline.check()  # the request may have been ended meanwhile
         self.bytes_read += len(chunk)
         return chunk
 
@@ -640,11 +739,12 @@ class NucleusClient:
         self._reaper.watch(deadline)
         _current.deadline = deadline
         try:
-            remaining = deadline.remaining_seconds()
             response = self._session.request(
                 method,
                 url,
-                timeout=(min(remaining, _CONNECT_TIMEOUT_CAP_SECONDS), remaining),
+                # No read timeout: a wait for the answer while the link still drains the body
+                # is progress, which only the deadline's reviews can tell.
+                timeout=(min(self._timeout_seconds, _CONNECT_TIMEOUT_CAP_SECONDS), None),
                 stream=True,
                 allow_redirects=False,
                 verify=self._verify,
@@ -673,7 +773,7 @@ class NucleusClient:
         return answer
 
     def _timed_out(self) -> RetryableUploadError:
-        return RetryableUploadError(f"timed out after {self._timeout_seconds:g} s")
+        return RetryableUploadError(f"timed out after {self._timeout_seconds:g} s without progress")
 
     def _raise_for_status(self, answer: _Answer) -> None:
         status = answer.status_code
@@ -882,6 +982,9 @@ def _read_answer(
     total = 0
     for chunk in response.iter_content(_ANSWER_CHUNK_BYTES):
         deadline.check()
+        if len(chunk) == _ANSWER_CHUNK_BYTES:
+            # Only whole chunks count: a dripped answer must not keep a request alive.
+            deadline.progressed()
         chunks.append(chunk)
         total += len(chunk)
         if total >= limit_bytes:

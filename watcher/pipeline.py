@@ -46,6 +46,9 @@ def upload_policy(settings: Settings) -> UploadPolicy:
         newest_first=upload.order == "newest-first",
         asynchronous=settings.nucleus.asynchronous,
         job_poll_seconds=settings.nucleus.job_poll_seconds,
+        # A quarter of the idle timeout, but at least a second so per-request latency on a fast
+        # link is not mistaken for a thin one.
+        request_target_seconds=max(1.0, settings.nucleus.timeout_seconds / 4),
     )
 
 

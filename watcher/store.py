@@ -305,6 +305,16 @@ def _placeholders(count: int) -> str:
     return ",".join("?" * count)
 
 
+def _within_bytes(rows: list[sqlite3.Row], max_bytes: int) -> list[sqlite3.Row]:
+    """The leading rows whose sizes add up to at most `max_bytes`, and at least the first."""
+    total = 0
+    for count, row in enumerate(rows):
+        total += max(0, row["size_bytes"])  # -1 marks a size to be learned again
+        if count and total > max_bytes:
+            return rows[:count]
+    return rows
+
+
 class StateStore:
     """The only writer of the state database. Thread-safe: every call holds the store's lock."""
 
@@ -813,12 +823,16 @@ class StateStore:
         now: float | None = None,
         newest_first: bool = False,
         clock_stepped_after: float | None = None,
+        max_bytes: int | None = None,
     ) -> list[FileRecord]:
         """Take up to `max_items` due files that can share one request; they become in_flight.
 
         A batch shares a dataset and a kind (file bytes or remote URL; remote URLs also share
         `update`, which the JSON form carries once per request). A retry time later than
         `clock_stepped_after` was set before the wall clock stepped back and counts as due.
+        With `max_bytes`, a batch of local files stops before the file that would take it over
+        that size (the first always goes); remote URLs send no file bytes, so it does not limit
+        them.
         """
         now = time.time() if now is None else now
         stepped = float("inf") if clock_stepped_after is None else clock_stepped_after
@@ -848,6 +862,8 @@ class StateStore:
                 f" ORDER BY mtime_ns {order}, id {order} LIMIT ?",
                 (PENDING, now, stepped, first["dataset_id"], *kind_params, max_items),
             ).fetchall()
+            if max_bytes is not None and not first["remote"]:
+                rows = _within_bytes(rows, max_bytes)
             ids = [row["id"] for row in rows]
             in_ids = f"id IN ({_placeholders(len(ids))})"
             # From here the server's copy is unknown until an answer comes: a lost answer may

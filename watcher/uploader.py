@@ -27,6 +27,7 @@ from watcher.errors import (
     UnauthorizedError,
     UploadError,
 )
+from watcher.link_rate import LinkRate
 from watcher.nucleus_client import AppendResult, LocalFileError, NucleusClient, UploadItem
 from watcher.store import FileRecord, StateStore
 
@@ -45,6 +46,8 @@ class UploadPolicy:
     newest_first: bool = False
     asynchronous: bool = False
     job_poll_seconds: float = 2.0
+    # How long a request should take at the measured rate on a thin link (see link_rate.py).
+    request_target_seconds: float = 30.0
 
 
 class UploadEvents:
@@ -140,6 +143,12 @@ class Uploader:
         # We never set a retry time further ahead than this; a later one was written before
         # the wall clock stepped back, and counts as due.
         self._clock_step_slack_seconds = policy.retry_max_seconds + 60.0
+        self._link = LinkRate(
+            concurrency=policy.concurrency,
+            max_files_per_request=policy.max_files_per_request,
+            target_seconds=policy.request_target_seconds,
+        )
+        self._waiting_for_link = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -281,6 +290,8 @@ class Uploader:
                 with self._lock:
                     self._busy_workers -= 1
                     self._idle.notify_all()
+                    if self._waiting_for_link:
+                        self._lock.notify_all()
 
     def _next_batch(self) -> list[FileRecord] | None:
         lingered = False
@@ -306,6 +317,13 @@ class Uploader:
                     while not self._stopping and (left := linger_until - time.monotonic()) > 0:
                         self._lock.wait(left)
                     continue
+                shape = self._link.shape()
+                if self._busy_workers >= shape.max_in_flight:
+                    # A thin link: another request would only split it (see link_rate.py).
+                    self._waiting_for_link += 1
+                    self._lock.wait(5.0)  # a finishing request notifies
+                    self._waiting_for_link -= 1
+                    continue
                 # Counted as busy while claiming, so `wait_until_drained` never sees a batch
                 # that left the queue but is not yet in anyone's hands.
                 self._busy_workers += 1
@@ -317,6 +335,7 @@ class Uploader:
                 now=now,
                 newest_first=self._policy.newest_first,
                 clock_stepped_after=now + self._clock_step_slack_seconds,
+                max_bytes=shape.max_bytes,
             )
             if batch:
                 return batch
@@ -358,7 +377,10 @@ class Uploader:
             else:
                 self._park(batch, exc.reason)
         else:
-            self._events.request_done(time.monotonic() - started, result.bytes_sent, True)
+            finished = time.monotonic()
+            self._events.request_done(finished - started, result.bytes_sent, True)
+            if batch[0].remote_url is None:  # a URL list says nothing about the uplink
+                self._link.record(started, finished, result.bytes_sent, len(batch))
             with self._lock:
                 self._consecutive_failures = 0
             self._record_answer(batch, result)

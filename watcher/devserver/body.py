@@ -6,9 +6,11 @@ import io
 import time
 from typing import Final
 
+from watcher.bandwidth import TokenBucket
 from watcher.devserver.request_failures import _ClientGone, _RequestRejected
 
 _READ_CHUNK_BYTES: Final = 1 << 20
+_LINK_READ_BYTES: Final = 8 * 1024
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -18,9 +20,15 @@ class _BodyReader:
     """Reads one request body (Content-Length or chunked) in pieces, refusing more than a cap."""
 
     def __init__(
-        self, rfile: io.BufferedIOBase, content_length: int | None, chunked: bool, max_bytes: int
+        self,
+        rfile: io.BufferedIOBase,
+        content_length: int | None,
+        chunked: bool,
+        max_bytes: int,
+        link: TokenBucket | None = None,
     ) -> None:
         self._rfile = rfile
+        self._link = link
         self._chunked = chunked
         self._max_bytes = max_bytes
         self.declared_bytes = content_length
@@ -39,10 +47,18 @@ class _BodyReader:
                 self.finished = True
                 return b""
         wanted = min(limit, self._remaining_in_chunk)
+        if self._link is not None:
+            # Small reads, so connections sharing the link take turns instead of one booking
+            # a second of it at once.
+            wanted = min(wanted, _LINK_READ_BYTES)
         # read1 hands over what one recv brought instead of waiting for the whole piece.
         data = self._rfile.read1(wanted)
         if not data:
             raise _ClientGone
+        if self._link is not None:
+            # Not reading holds the bytes in the kernel's buffers and TCP's window closes, so
+            # the client sees the link's rate.
+            self._link.take(len(data))
         self.bytes_read += len(data)
         if self.bytes_read > self._max_bytes:
             raise _RequestRejected(413, f"request body is larger than {self._max_bytes} bytes")

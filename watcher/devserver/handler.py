@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from python_multipart.multipart import parse_options_header
 
+from watcher.bandwidth import TokenBucket
 from watcher.devserver.append_items import (
     MAX_FILES_PER_REQUEST,
     _items_from_form,
@@ -44,6 +45,12 @@ _RESET_READ_BYTES: Final = 64 << 10
 _STALL_SECONDS: Final = 300.0
 _IDLE_CONNECTION_SECONDS: Final = 300.0
 _LINGER_DRAIN_SECONDS: Final = 2.0
+# With a link rate the connection should look like one over a real network: the kernel may
+# hold only a little of a body the handler has not read (a big receive buffer would acknowledge
+# megabytes at once, which no thin link does), in Ethernet-sized segments (loopback's 64 KiB
+# segments leave a nearly closed window stuck until a whole segment fits).
+_LINK_RECEIVE_BUFFER_BYTES: Final = 16 * 1024
+_LINK_SEGMENT_BYTES: Final = 1448
 
 
 def _item_answer(dataset_id: str, item: StoredItem) -> dict[str, Any]:
@@ -77,6 +84,7 @@ class _ServerContext:
     api_key: str | None
     max_body_bytes: int
     drip_byte_interval_seconds: float
+    link: TokenBucket | None = None  # paces reading every request body, all connections
     down: bool = False
 
 
@@ -161,7 +169,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise _RequestRejected(400, "Content-Length is negative")
         max_bytes = self.server.context.max_body_bytes
-        reader = _BodyReader(self.rfile, content_length, chunked, max_bytes)
+        reader = _BodyReader(
+            self.rfile, content_length, chunked, max_bytes, self.server.context.link
+        )
         if content_length is not None and content_length > max_bytes:
             raise _RequestRejected(413, f"request body is larger than {max_bytes} bytes")
         return reader
@@ -449,6 +459,11 @@ class _HttpServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
+        if self.context.link is not None:
+            # Set on the listening socket, so accepted ones inherit it before the handshake
+            # fixes their window scale.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LINK_RECEIVE_BUFFER_BYTES)
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, _LINK_SEGMENT_BYTES)
         # HTTPServer.server_bind looks up the host's FQDN, which can stall on a broken resolver.
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from watcher.bandwidth import TokenBucket
 from watcher.devserver.catalog import StoredItem, _Catalog
 from watcher.devserver.faults import _FaultPlan
 from watcher.devserver.handler import _HttpServer, _ServerContext
@@ -24,7 +25,8 @@ from watcher.errors import ConfigError
 
 DEFAULT_MAX_BODY_BYTES: Final = (1 << 30) + (16 << 20)  # 1 GiB of images + room for the form
 _JOIN_TIMEOUT_SECONDS: Final = 5.0
-_POLL_INTERVAL_SECONDS: Final = 0.05  # how quickly stop() is noticed by the accept loop
+_POLL_INTERVAL_SECONDS: Final = 0.05
+_LINK_MIN_BURST_BYTES: Final = 8 * 1024  # how quickly stop() is noticed by the accept loop
 
 
 # --------------------------------------------------------------------------- the server
@@ -34,8 +36,9 @@ class DevServer:
     """A local Nucleus-compatible endpoint. Use as a context manager or start()/stop().
 
     Besides the documented interface: `max_body_bytes` (answer 413 above it),
-    `drip_byte_interval_seconds` (pace of the "drip" fault) and `on_request` (called with each
-    RequestRecord, from the connection's thread).
+    `drip_byte_interval_seconds` (pace of the "drip" fault), `on_request` (called with each
+    RequestRecord, from the connection's thread) and `link_rate_bytes_per_second` (read request
+    bodies no faster than this, all connections together, like one thin uplink).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class DevServer:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         drip_byte_interval_seconds: float = 1.0,
         on_request: Callable[[RequestRecord], None] | None = None,
+        link_rate_bytes_per_second: int | None = None,
     ) -> None:
         if job_delay_seconds < 0:
             raise ValueError("job_delay_seconds must not be negative")
@@ -59,6 +63,8 @@ class DevServer:
             raise ValueError("drip_byte_interval_seconds must not be negative")
         if api_key is not None and not api_key:
             raise ValueError("api_key must be None (accept any key) or a non-empty string")
+        if link_rate_bytes_per_second is not None and link_rate_bytes_per_second < 1:
+            raise ValueError("link_rate_bytes_per_second must be positive (None: no limit)")
         self.host = host
         self._requested_port = port
         self._given_data_dir = data_dir
@@ -66,6 +72,11 @@ class DevServer:
         self._api_key = api_key
         self._max_body_bytes = max_body_bytes
         self._drip_byte_interval_seconds = drip_byte_interval_seconds
+        self._link: TokenBucket | None = None
+        if link_rate_bytes_per_second:
+            # A link has no 64 KiB of credit to spend at once: an eighth of a second at most.
+            burst_bytes = max(_LINK_MIN_BURST_BYTES, link_rate_bytes_per_second // 8)
+            self._link = TokenBucket(link_rate_bytes_per_second, burst_bytes)
         self._jobs = _JobBook(job_delay_seconds)
         self._faults = _FaultPlan()
         self._log = _RequestLog(on_request)
@@ -99,6 +110,7 @@ class DevServer:
             api_key=self._api_key,
             max_body_bytes=self._max_body_bytes,
             drip_byte_interval_seconds=self._drip_byte_interval_seconds,
+            link=self._link,
             down=self._down,
         )
         try:
@@ -246,6 +258,7 @@ def serve_forever_cli(
     api_key: str | None,
     job_delay_seconds: float,
     datasets: list[str],
+    link_rate_bytes_per_second: int | None = None,
 ) -> int:
     """Run a devserver until SIGINT/SIGTERM; the base URL is the first line on stdout."""
     server = DevServer(
@@ -256,6 +269,7 @@ def serve_forever_cli(
         job_delay_seconds=job_delay_seconds,
         datasets=datasets or None,
         on_request=_log_request_line,
+        link_rate_bytes_per_second=link_rate_bytes_per_second,
     )
     try:
         server.start()
@@ -270,6 +284,13 @@ def serve_forever_cli(
         print(server.base_url, flush=True)
         data_note = data_dir if data_dir is not None else "a temporary folder (removed on exit)"
         print(f"devserver: storing uploads in {data_note}", file=sys.stderr, flush=True)
+        if link_rate_bytes_per_second:
+            print(
+                f"devserver: reading request bodies at {link_rate_bytes_per_second} bytes/s"
+                " (one link shared by all connections)",
+                file=sys.stderr,
+                flush=True,
+            )
         while not stop_requested.wait(1.0):
             pass
     finally:
