@@ -155,12 +155,8 @@ class Daemon:
         self._reconciler = pipeline.reconciler(
             settings, self._store, on_unsettled=self._on_unsettled, on_queued=self._on_queued
         )
-        self._settler = Settler(
-            settle_seconds=settings.settle.seconds,
-            max_wait_seconds=settings.settle.max_wait_seconds,
-            verify_image=settings.settle.verify_image,
-            on_ready=self._on_settled,
-            on_incomplete=self._on_incomplete,
+        self._settler = pipeline.settler(
+            settings, on_ready=self._on_settled, on_incomplete=self._on_incomplete
         )
         self._intake = Intake(
             on_candidate=self._on_candidate,

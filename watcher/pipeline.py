@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from watcher.config import Settings, compile_rules
 from watcher.nucleus_client import NucleusClient
 from watcher.pathfilter import PathFilter
 from watcher.reconcile import Reconciler, WatchPlan
+from watcher.settle import Settler
 from watcher.store import StateStore, watch_key, watch_key_aliases
 from watcher.uploader import Uploader, UploadEvents, UploadPolicy
 
@@ -83,6 +85,22 @@ def reconciler(
         max_file_bytes=settings.upload.max_file_bytes,
         on_unsettled=on_unsettled,
         on_queued=on_queued,
+    )
+
+
+def settler(
+    settings: Settings,
+    *,
+    on_ready: Callable[[Path, os.stat_result], None],
+    on_incomplete: Callable[[Path, str], None],
+) -> Settler:
+    """The one judge of "is this file finished?" for `run` and `scan` alike."""
+    return Settler(
+        settle_seconds=settings.settle.seconds,
+        max_wait_seconds=settings.settle.max_wait_seconds,
+        verify_image=settings.settle.verify_image,
+        on_ready=on_ready,
+        on_incomplete=on_incomplete,
     )
 
 

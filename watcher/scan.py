@@ -18,7 +18,6 @@ from watcher import pipeline
 from watcher.config import Settings
 from watcher.pathtext import path_text
 from watcher.reconcile import Reconciler, WatchPlan
-from watcher.settle import Settler
 from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord, StateStore
 from watcher.uploader import UploadEvents
 
@@ -90,12 +89,8 @@ class _UnsettledFiles:
         self._plans: dict[Path, WatchPlan] = {}
         self.outcomes: list[str] = []
         self.reconciler: Reconciler | None = None
-        self._settler = Settler(
-            settle_seconds=settings.settle.seconds,
-            max_wait_seconds=settings.settle.max_wait_seconds,
-            verify_image=settings.settle.verify_image,
-            on_ready=self._ready,
-            on_incomplete=self._incomplete,
+        self._settler = pipeline.settler(
+            settings, on_ready=self._ready, on_incomplete=self._incomplete
         )
 
     def start(self) -> None:
