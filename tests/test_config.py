@@ -8,6 +8,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from watcher import pipeline
 from watcher.config import (
     NucleusSettings,
     Settings,
@@ -259,6 +260,25 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
             id="nested-metadata",
         ),
         pytest.param(
+            MINIMAL_WATCH + 'include = ["raw/", "*.jpg"]\nexclude = ["../x"]\n',
+            [
+                "config.toml: at 'watch[0].include': 'raw/' ends with '/'; globs match files: "
+                "write 'raw/**' for everything below raw/, or a name like 'raw' for any folder "
+                "so named",
+                "config.toml: at 'watch[0].exclude': '../x' uses '.' or '..'; paths are matched "
+                "below the watch folder as they are",
+            ],
+            id="path-globs",
+        ),
+        pytest.param(
+            MINIMAL_WATCH + 'recursive = false\ninclude = ["*.png", "raw/*.jpg"]\n',
+            [
+                "config.toml: at 'watch[0].include': 'raw/*.jpg' matches only files in "
+                "sub-folders, but recursive = false watches only the files directly in /srv/camera"
+            ],
+            id="path-glob-without-recursion",
+        ),
+        pytest.param(
             f'[nucleus]\napi_key = "{SECRET_KEY}"\n' + MINIMAL_WATCH,
             [
                 "config.toml: at 'nucleus.api_key': unknown key; the API key never goes in the "
@@ -272,6 +292,17 @@ def test_bad_config_gives_one_line_per_problem(
     tmp_path: Path, text: str, expected: list[str]
 ) -> None:
     assert problems_of(tmp_path, text) == expected
+
+
+def test_include_globs_with_a_slash_reach_the_watch_plan(tmp_path: Path) -> None:
+    settings = load(tmp_path, MINIMAL_WATCH + 'include = ["raw/*.jpg", "*.png"]\n')
+
+    [plan] = pipeline.watch_plans(settings)
+
+    assert plan.path_filter.accepts("raw/a.jpg")
+    assert plan.path_filter.accepts("deep/b.png")
+    assert not plan.path_filter.accepts("a.jpg")
+    assert not plan.path_filter.accepts("raw/deep/a.jpg")
 
 
 def test_missing_file(tmp_path: Path) -> None:

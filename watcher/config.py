@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from watcher import rules
+from watcher import pathfilter, rules
 from watcher.errors import ConfigError
 
 __all__ = [
@@ -352,6 +352,9 @@ class WatchSettings(_Section):
     def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(not pattern for pattern in value):
             raise ValueError("holds an empty pattern")
+        problems = [problem for pattern in value if (problem := pathfilter.glob_problem(pattern))]
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
     @field_validator("metadata")
@@ -361,7 +364,16 @@ class WatchSettings(_Section):
 
     @model_validator(mode="after")
     def _rules_compile(self) -> WatchSettings:
-        problems = rules.watch_problems(self)
+        problems = list(rules.watch_problems(self))
+        deep = [pattern for pattern in self.include if pathfilter.min_depth(pattern) > 1]
+        if deep and not self.recursive:
+            problems.append(
+                (
+                    "include",
+                    f"{deep[0]!r} matches only files in sub-folders, but recursive = false "
+                    f"watches only the files directly in {self.path}",
+                )
+            )
         if problems:
             raise _KeyedProblems(problems)
         return self
