@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pydantic
@@ -502,3 +503,46 @@ def test_bandwidth_limit_reaches_upload_settings(tmp_path: Path) -> None:
 )
 def test_listen_address_parsing(text: str, address: tuple[str, int] | None) -> None:
     assert parse_listen_address(text) == address
+
+
+@pytest.mark.parametrize(
+    ("text", "message_start"),
+    [
+        ("9464", "must be host:port"),
+        ("localhost", "must be host:port"),
+        ("127.0.0.1:99999", "must be host:port"),
+        ("[::1:9464", "must be host:port"),
+        (":9464", "must be host:port"),
+        ("127.0.0.1:\u0669\u0664", "must be host:port"),
+        ("127.0.0.1:\u00b2", "must be host:port"),
+        ("::1:9464", "must be host:port"),
+        ("nosuchhost.invalid:9464", "'nosuchhost.invalid' is not an IP address"),
+        ("[localhost]:9464", "'localhost' is not an IP address"),
+        (" 127.0.0.1:9464", "' 127.0.0.1' is not an IP address"),
+    ],
+)
+def test_listen_address_refusals(text: str, message_start: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(message_start)):
+        parse_listen_address(text)
+
+
+def test_ipv6_listen_address_without_brackets_gets_a_hint(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, '[metrics]\nlisten = "::1:9464"\n' + MINIMAL_WATCH) == [
+        "config.toml: at 'metrics.listen': must be host:port like \"127.0.0.1:9464\" (use "
+        "0.0.0.0 for every interface), or empty to turn metrics off (got '::1:9464') (write an "
+        'IPv6 address in brackets: "[::1]:9464")'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("", ("127.0.0.1", 9464)),
+        ('[metrics]\nlisten = ""\n', None),
+        ('[metrics]\nlisten = "[::]:0"\n', ("::", 0)),
+    ],
+)
+def test_settings_carry_the_parsed_listen_address(
+    tmp_path: Path, text: str, address: tuple[str, int] | None
+) -> None:
+    assert load(tmp_path, text + MINIMAL_WATCH).metrics.listen_address == address

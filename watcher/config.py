@@ -18,6 +18,7 @@ Problems are reported as `config.toml: at 'watch[0].rules[1].regex': message`, o
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -133,19 +134,43 @@ def parse_bandwidth_limit(text: str) -> int | None:
     return bytes_per_second
 
 
+_LISTEN = re.compile(r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})")
+
+
 def parse_listen_address(text: str) -> tuple[str, int] | None:
-    """ "127.0.0.1:9464" -> ("127.0.0.1", 9464); "[::1]:9464" -> ("::1", 9464); "" -> None."""
+    """ "127.0.0.1:9464" -> ("127.0.0.1", 9464); "[::1]:9464" -> ("::1", 9464); "" -> None.
+
+    The host must be an IP address or localhost: what the metrics server can bind without
+    asking DNS, so an address that passed here does not fail later for its spelling.
+    """
     if not text:
         return None
-    host, colon, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not colon or not host or not port_text.isdigit() or int(port_text) > 65535:
+    found = _LISTEN.fullmatch(text)
+    if found is None or int(found["port"]) > 65535:
+        hint = ' (write an IPv6 address in brackets: "[::1]:9464")' if text.count(":") > 1 else ""
         raise ValueError(
             f'must be host:port like "127.0.0.1:9464" (use 0.0.0.0 for every interface), '
-            f"or empty to turn metrics off (got {text!r})"
+            f"or empty to turn metrics off (got {text!r}){hint}"
         )
-    return host, int(port_text)
+    if found["ipv6"] is not None:
+        host, usable = found["ipv6"], _is_ip_address(found["ipv6"], version=6)
+    else:
+        host = found["host"]
+        usable = host == "localhost" or _is_ip_address(host, version=4)
+    if not usable:
+        raise ValueError(
+            f"{host!r} is not an IP address; use 127.0.0.1 (this machine), 0.0.0.0 (every "
+            f"interface), [::1], [::] or localhost (got {text!r})"
+        )
+    return host, int(found["port"])
+
+
+def _is_ip_address(text: str, *, version: int) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return address.version == version
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,16 +288,20 @@ class LogSettings(_Section):
 class MetricsSettings(_Section):
     listen: str = "127.0.0.1:9464"
 
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        parse_listen_address(value)
-        return value
+    _address: tuple[str, int] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _host_port(self) -> MetricsSettings:
+        try:
+            self._address = parse_listen_address(self.listen)
+        except ValueError as exc:
+            raise _KeyedProblems([("listen", str(exc))]) from None
+        return self
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
-        """(host, port), or None when metrics are off."""
-        return parse_listen_address(self.listen)
+        """(host, port) for `Metrics.start_http_server`, or None when metrics are off."""
+        return self._address
 
 
 class DiskSettings(_Section):
