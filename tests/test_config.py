@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import get_args
 
 import pydantic
 import pytest
@@ -20,6 +21,7 @@ from watcher.config import (
     resolve_api_key,
 )
 from watcher.errors import ConfigError
+from watcher.logs import LogFormat, LogLevel
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
 MINIMAL_WATCH = '[[watch]]\npath = "/srv/camera"\ndataset_id = "ds_a"\n'
@@ -293,6 +295,25 @@ def test_bad_config_gives_one_line_per_problem(
     tmp_path: Path, text: str, expected: list[str]
 ) -> None:
     assert problems_of(tmp_path, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("format_text", "level_text", "format_name", "level_name"),
+    [
+        ("JSON", "WARN", "json", "warning"),
+        (" console ", " Debug ", "console", "debug"),
+        ("auto", "critical", "auto", "critical"),
+    ],
+)
+def test_log_names_are_read_once_into_the_names_logging_takes(
+    tmp_path: Path, format_text: str, level_text: str, format_name: str, level_name: str
+) -> None:
+    text = f'[log]\nformat = "{format_text}"\nlevel = "{level_text}"\n' + MINIMAL_WATCH
+    settings = load(tmp_path, text)
+
+    assert (settings.log.format, settings.log.level) == (format_name, level_name)
+    assert get_args(LogFormat) == ("auto", "json", "console")
+    assert settings.log.level in get_args(LogLevel)
 
 
 def test_include_globs_with_a_slash_reach_the_watch_plan(tmp_path: Path) -> None:

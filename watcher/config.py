@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from watcher import pathfilter, rules
+from watcher import logs, pathfilter, rules
 from watcher.errors import ConfigError
 
 __all__ = [
@@ -276,13 +276,17 @@ class StateSettings(_Section):
 
 
 class LogSettings(_Section):
-    format: Literal["auto", "json", "console"] = "auto"
-    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: logs.LogFormat = "auto"
+    level: logs.LogLevel = "info"
 
-    @field_validator("level", mode="before")
+    @field_validator("format", "level", mode="before")
     @classmethod
-    def _lower_case(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
+    def _canonical_name(cls, value: Any) -> Any:
+        # "INFO", " info " and "warn" mean what the person who wrote them meant.
+        if not isinstance(value, str):
+            return value
+        name = value.strip().lower()
+        return logs.LOG_LEVEL_ALIASES.get(name, name)
 
 
 class MetricsSettings(_Section):
