@@ -17,11 +17,13 @@ from watcher.config import (
     describe_watch,
     load_settings,
     parse_bandwidth_limit,
+    parse_endpoint,
     parse_listen_address,
     resolve_api_key,
 )
 from watcher.errors import ConfigError
 from watcher.logs import LogFormat, LogLevel
+from watcher.nucleus_client import NucleusClient
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
 MINIMAL_WATCH = '[[watch]]\npath = "/srv/camera"\ndataset_id = "ds_a"\n'
@@ -481,6 +483,58 @@ def test_missing_key_file_and_no_key_anywhere(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Value parsers
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "host"),
+    [
+        ("https://api.scale.com/v1/nucleus/", "https://api.scale.com/v1/nucleus", "api.scale.com"),
+        (
+            " HTTP://127.0.0.1:8080/v1/nucleus ",
+            "http://127.0.0.1:8080/v1/nucleus",
+            "127.0.0.1:8080",
+        ),
+        ("https://[::1]:1/v1", "https://[::1]:1/v1", "[::1]:1"),
+    ],
+)
+def test_endpoint_parsing(text: str, url: str, host: str) -> None:
+    assert parse_endpoint(text) == (url, host)
+    assert NucleusSettings(endpoint=text).endpoint == url
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("http://user:s3cret@127.0.0.1/v1", "must not contain credentials (user:password@)"),
+        ("https://:s3cret@api.example/v1", "must not contain credentials (user:password@)"),
+        ("http://127.0.0.1:99999/v1", "is not a valid URL: Port out of range 0-65535"),
+        ("http://[::1/v1", "is not a valid URL: Invalid IPv6 URL"),
+        ("http:///v1/nucleus", "must be an http:// or https:// URL"),
+        ("http://exa mple.com/v1", "must not contain spaces or control characters"),
+        ("http://127.0.0.1/v1?key=1", "must not have a query (?...) or a fragment (#...)"),
+        ("http://127.0.0.1/v1#top", "must not have a query (?...) or a fragment (#...)"),
+    ],
+)
+def test_endpoint_refusals_are_the_same_in_config_and_client(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as parsed:
+        parse_endpoint(text)
+    with pytest.raises(ConfigError) as built:
+        NucleusClient(text, "key")
+
+    assert str(parsed.value).startswith(message)
+    assert built.value.problems == [f"nucleus.endpoint: {parsed.value}"]
+    assert "s3cret" not in str(parsed.value)
+
+
+def test_endpoint_with_credentials_is_refused_at_load_without_showing_them(
+    tmp_path: Path,
+) -> None:
+    text = '[nucleus]\nendpoint = "https://me:s3cret@api.example/v1"\n' + MINIMAL_WATCH
+
+    assert problems_of(tmp_path, text) == [
+        "config.toml: at 'nucleus.endpoint': must not contain credentials (user:password@); "
+        "the API key is sent apart"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,8 @@ import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -44,6 +45,7 @@ from watcher.errors import ConfigError
 
 __all__ = [
     "DiskSettings",
+    "Endpoint",
     "LogSettings",
     "MetricsSettings",
     "NucleusSettings",
@@ -58,6 +60,7 @@ __all__ = [
     "describe_watch",
     "load_settings",
     "parse_bandwidth_limit",
+    "parse_endpoint",
     "parse_listen_address",
     "resolve_api_key",
     "settings_from_mapping",
@@ -173,6 +176,35 @@ def _is_ip_address(text: str, *, version: int) -> bool:
     return address.version == version
 
 
+class Endpoint(NamedTuple):
+    url: str  # the base URL routes are appended to, without a trailing slash
+    host: str  # host[:port], for messages
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """The one rule for nucleus.endpoint, which the client applies too. Raises ValueError.
+
+    A message never repeats a URL that holds credentials.
+    """
+    url = text.strip()
+    shown = "" if "@" in url else f" (got {url!r})"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading the port is what checks it)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL: {exc}{shown}") from None
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain credentials (user:password@); the API key is sent apart")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL{shown}")
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise ValueError(f"must not contain spaces or control characters{shown}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query (?...) or a fragment (#...){shown}")
+    # Routes are joined as f"{endpoint}/dataset/..."; a trailing slash would double it.
+    return Endpoint(urlunsplit(parts).rstrip("/"), parts.netloc)
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 
@@ -189,11 +221,7 @@ class NucleusSettings(_Section):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_http_url(cls, value: str) -> str:
-        scheme, separator, rest = value.partition("://")
-        if scheme not in ("http", "https") or not separator or not rest.strip("/"):
-            raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
-        # Routes are joined as f"{endpoint}/dataset/..."; a trailing slash would double it.
-        return value.rstrip("/")
+        return parse_endpoint(value).url
 
 
 class UploadSettings(_Section):
