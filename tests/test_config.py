@@ -141,6 +141,45 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
             id="zero-timeout",
         ),
         pytest.param(
+            "[nucleus]\ntimeout_seconds = inf\njob_poll_seconds = 1e300\n"
+            "[scan]\ninterval_seconds = 604801\n" + MINIMAL_WATCH,
+            [
+                "config.toml: at 'nucleus.timeout_seconds': must be at most 604800 (got inf)",
+                "config.toml: at 'nucleus.job_poll_seconds': must be at most 604800 (got 1e+300)",
+                "config.toml: at 'scan.interval_seconds': must be at most 604800 (got 604801)",
+            ],
+            id="seconds-beyond-a-week",
+        ),
+        pytest.param(
+            '[upload]\nconcurrency = 1000\nbandwidth_limit = "1e400"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.concurrency': must be at most 64 (got 1000)",
+                "config.toml: at 'upload.bandwidth_limit': cannot read '1e400' as a rate; write "
+                'e.g. "2MiB/s", "500KB/s", "800kbit/s", or leave it empty for no limit',
+            ],
+            id="concurrency-and-rate-limits",
+        ),
+        pytest.param(
+            '[upload]\nbandwidth_limit = "1' + "0" * 400 + 'B/s"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.bandwidth_limit': '1" + "0" * 400 + "B/s' is more than "
+                "1 TB/s; leave it empty for no limit"
+            ],
+            id="rate-overflow",
+        ),
+        pytest.param(
+            '[[watch]]\npath = "/srv/a\\u0000b"\ndataset_id = "ds_\u00fc?#"\n'
+            "metadata = { gain = inf, bias = -nan }\n",
+            [
+                "config.toml: at 'watch[0].path': must not contain a NUL character (\\u0000)",
+                "config.toml: at 'watch[0].dataset_id': 'ds_\u00fc?#' is not a dataset id: "
+                "letters, digits, '_', '-' and '.' only; it looks like \"ds_...\"",
+                "config.toml: at 'watch[0].metadata.gain': must be a finite number (got inf)",
+                "config.toml: at 'watch[0].metadata.bias': must be a finite number (got nan)",
+            ],
+            id="nul-dataset-id-non-finite",
+        ),
+        pytest.param(
             "[upload]\nretry_initial_seconds = 600\nretry_max_seconds = 300\n" + MINIMAL_WATCH,
             [
                 "config.toml: at 'upload.retry_initial_seconds': must not be more than "

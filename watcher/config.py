@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -87,7 +88,16 @@ def _refuse_bool(value: Any) -> Any:
     return value
 
 
-PositiveSeconds = Annotated[float, BeforeValidator(_refuse_bool), Field(gt=0)]
+# The longest any duration setting may be (one week). Longer is no real setting, and inf or 1e300
+# would reach a timer: Condition.wait and time.sleep raise OverflowError on those.
+MAX_SECONDS = 604_800
+PositiveSeconds = Annotated[float, BeforeValidator(_refuse_bool), Field(gt=0, le=MAX_SECONDS)]
+# Each worker is a thread with its own connection; against one API more than this does not go
+# faster, and a typo like 4000 would start that many threads.
+MAX_CONCURRENCY = 64
+# 1 TB/s: no link is faster, so a larger limit is a typo (and 1e400 would overflow the bucket).
+MAX_BANDWIDTH_BYTES_PER_SECOND = 10**12
+_DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class _Section(BaseModel):
@@ -131,7 +141,10 @@ def parse_bandwidth_limit(text: str) -> int | None:
             f'cannot read {text!r} as a rate; write e.g. "2MiB/s", "500KB/s", "800kbit/s", '
             f"or leave it empty for no limit"
         )
-    bytes_per_second = round(float(found.group(1)) * _BANDWIDTH_UNIT_BYTES[found.group(2)])
+    rate = float(found.group(1)) * _BANDWIDTH_UNIT_BYTES[found.group(2)]
+    if not rate <= MAX_BANDWIDTH_BYTES_PER_SECOND:
+        raise ValueError(f"{text!r} is more than 1 TB/s; leave it empty for no limit")
+    bytes_per_second = round(rate)
     if bytes_per_second < 1:
         raise ValueError(f"{text!r} is less than 1 byte per second; leave it empty for no limit")
     return bytes_per_second
@@ -223,9 +236,14 @@ class NucleusSettings(_Section):
     def _endpoint_is_http_url(cls, value: str) -> str:
         return parse_endpoint(value).url
 
+    @field_validator("api_key_file", "ca_bundle")
+    @classmethod
+    def _file_path_text(cls, value: str) -> str:
+        return _path_text(value)
+
 
 class UploadSettings(_Section):
-    concurrency: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1)] = 4
+    concurrency: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1, le=MAX_CONCURRENCY)] = 4
     max_files_per_request: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1, le=10)] = 10
     max_file_bytes: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1)] = 104_857_600
     bandwidth_limit: str = ""
@@ -237,14 +255,23 @@ class UploadSettings(_Section):
     order: Literal["oldest-first", "newest-first"] = "oldest-first"
     stop_timeout_seconds: PositiveSeconds = 30
 
+    _bandwidth_bytes_per_second: int | None = PrivateAttr(default=None)
+
+    @field_validator("archive_dir")
+    @classmethod
+    def _archive_dir_text(cls, value: str) -> str:
+        return _path_text(value)
+
     @field_validator("bandwidth_limit")
     @classmethod
     def _bandwidth_parses(cls, value: str) -> str:
+        # Here, not only below, so that it is reported along with any other field's problem.
         parse_bandwidth_limit(value)
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> UploadSettings:
+        self._bandwidth_bytes_per_second = parse_bandwidth_limit(self.bandwidth_limit)
         problems: list[tuple[str, str]] = []
         if self.retry_initial_seconds > self.retry_max_seconds:
             problems.append(
@@ -264,7 +291,8 @@ class UploadSettings(_Section):
 
     @property
     def bandwidth_limit_bytes_per_second(self) -> int | None:
-        return parse_bandwidth_limit(self.bandwidth_limit)
+        """The parsed bandwidth_limit; None for no limit."""
+        return self._bandwidth_bytes_per_second
 
 
 class SettleSettings(_Section):
@@ -298,6 +326,7 @@ class StateSettings(_Section):
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
+        _path_text(str(value))
         if not value.is_absolute():
             raise ValueError(f"must be an absolute path (got '{value}')")
         return value
@@ -341,6 +370,13 @@ class DiskSettings(_Section):
     delete_uploaded_when_low: bool = False
 
 
+def _path_text(value: str) -> str:
+    # The OS cannot take a path with NUL in it: os.stat and open raise ValueError.
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return value
+
+
 def _check_metadata_table(table: dict[str, Any]) -> dict[str, Any]:
     problems: list[tuple[str, str]] = []
     for name, value in table.items():
@@ -348,6 +384,8 @@ def _check_metadata_table(table: dict[str, Any]) -> dict[str, Any]:
             problems.append((rules.dotted_key([name]), "a metadata key must not be empty"))
         elif not isinstance(value, str | int | float | bool):
             problems.append((rules.dotted_key([name]), "must be text, a number or true/false"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append((rules.dotted_key([name]), f"must be a finite number (got {value})"))
     if problems:
         raise _KeyedProblems(problems)
     return table
@@ -395,6 +433,7 @@ class WatchSettings(_Section):
     def _absolute(cls, value: Path) -> Path:
         # A missing folder is fine (a mount may come later; the daemon waits), a relative one is
         # not: it would depend on the daemon's working directory.
+        _path_text(str(value))
         if not value.is_absolute():
             raise ValueError(f"must be an absolute path (got '{value}')")
         return value
@@ -404,8 +443,13 @@ class WatchSettings(_Section):
     def _dataset_id(cls, value: str) -> str:
         if not value:
             raise ValueError('must not be empty; it looks like "ds_..."')
-        if any(char.isspace() or char == "/" for char in value):
-            raise ValueError(f'{value!r} is not a dataset id; it looks like "ds_..."')
+        # Ids look like "ds_bw6de8s84pe0vbn6p5zg"; anything else would reach the URL and only
+        # fail there, file by file.
+        if _DATASET_ID.fullmatch(value) is None:
+            raise ValueError(
+                f"{value!r} is not a dataset id: letters, digits, '_', '-' and '.' only; "
+                'it looks like "ds_..."'
+            )
         return value
 
     @field_validator("include", "exclude")
