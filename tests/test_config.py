@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import get_args
 
+import certifi
 import pydantic
 import pytest
 
@@ -14,6 +15,7 @@ from watcher import pipeline
 from watcher.config import (
     NucleusSettings,
     Settings,
+    check_files,
     describe_watch,
     load_settings,
     parse_bandwidth_limit,
@@ -518,6 +520,89 @@ def test_missing_key_file_and_no_key_anywhere(tmp_path: Path) -> None:
         "no Nucleus API key: set nucleus.api_key_file or NUCLEUS_API_KEY, or give the systemd "
         "credential 'nucleus_api_key' (LoadCredential=)"
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# What only the file system can tell (check, run and scan ask)
+
+
+def _places(tmp_path: Path) -> None:
+    (tmp_path / "a file").write_text("not a folder\n")
+    (tmp_path / "a dir").mkdir()
+    write_key(tmp_path / "open key", 0o644)
+    (tmp_path / "not a cert.pem").write_text("hello\n")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("nucleus", "api_key_file", "missing key", "{tmp}/missing key: no such file"),
+        ("nucleus", "api_key_file", "a dir", "{tmp}/a dir is not a regular file"),
+        (
+            "nucleus",
+            "api_key_file",
+            "open key",
+            "{tmp}/open key is open to other users (mode 0644); run: chmod 600 {tmp}/open key",
+        ),
+        (
+            "nucleus",
+            "ca_bundle",
+            "none.pem",
+            "cannot read {tmp}/none.pem: No such file or directory",
+        ),
+        ("nucleus", "ca_bundle", "a dir", "cannot read {tmp}/a dir: Is a directory"),
+        ("nucleus", "ca_bundle", "not a cert.pem", "{tmp}/not a cert.pem holds no PEM certificate"),
+        (
+            "state",
+            "path",
+            "a dir",
+            "{tmp}/a dir is a folder; name a file in it, like {tmp}/a dir/state.db",
+        ),
+        ("state", "path", "a file/x/state.db", "cannot be created: {tmp}/a file is not a folder"),
+        ("upload", "archive_dir", "a file", "{tmp}/a file is not a folder"),
+        ("upload", "archive_dir", "a file/done", "cannot be created: {tmp}/a file is not a folder"),
+    ],
+)
+def test_paths_the_file_system_refuses_give_one_line(
+    tmp_path: Path, section: str, key: str, value: str, message: str
+) -> None:
+    _places(tmp_path)
+    extra = 'after_upload = "move"\n' if key == "archive_dir" else ""
+    settings = load(tmp_path, f'[{section}]\n{key} = "{value}"\n{extra}' + MINIMAL_WATCH)
+
+    with pytest.raises(ConfigError) as caught:
+        check_files(settings, "config.toml")
+
+    expected = message.replace("{tmp}", str(tmp_path))
+    assert caught.value.problems == [f"config.toml: at '{section}.{key}': {expected}"]
+
+
+def test_a_watch_path_that_is_a_file_is_refused_and_a_missing_one_is_not(tmp_path: Path) -> None:
+    _places(tmp_path)
+    text = (
+        f'[state]\npath = "{tmp_path}/state.db"\n'
+        f'[[watch]]\npath = "{tmp_path}/a file"\ndataset_id = "ds_a"\n'
+        f'[[watch]]\npath = "{tmp_path}/not yet"\ndataset_id = "ds_b"\n'
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        check_files(load(tmp_path, text), "config.toml")
+
+    assert caught.value.problems == [
+        f"config.toml: at 'watch[0].path': {tmp_path}/a file is not a folder"
+    ]
+
+
+def test_usable_paths_pass_the_file_checks(tmp_path: Path) -> None:
+    (tmp_path / "key dir").mkdir()
+    key_file = write_key(tmp_path / "key dir/api key", 0o600)
+    text = (
+        f'[nucleus]\napi_key_file = "{key_file}"\nca_bundle = "{certifi.where()}"\n'
+        '[state]\npath = "new/folders/state.db"\n'
+        '[upload]\nafter_upload = "move"\narchive_dir = "archive/later"\n' + MINIMAL_WATCH
+    )
+
+    check_files(load(tmp_path, text), "config.toml")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import stat
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -57,6 +58,7 @@ __all__ = [
     "StateSettings",
     "UploadSettings",
     "WatchSettings",
+    "check_files",
     "compile_rules",
     "describe_watch",
     "load_settings",
@@ -804,6 +806,91 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     )
 
 
+def check_files(settings: Settings, name: str = "settings") -> None:
+    """What only the file system can tell about the paths; ConfigError, one line per problem.
+
+    `check`, `run` and `scan` call it after loading, so `check` refuses what `run` would. It is
+    not part of every load: `status` or a reload must not fail while, say, the key file is being
+    replaced. What cannot be told from here (a file this user may not read but the service user
+    can) is left to the moment of use.
+    """
+    problems: list[tuple[str, str]] = []
+    nucleus, upload = settings.nucleus, settings.upload
+    if nucleus.api_key_file:
+        problems += _key_file_problems(Path(nucleus.api_key_file))
+    if nucleus.ca_bundle:
+        problems += _ca_bundle_problems(Path(nucleus.ca_bundle))
+    problems += _place_problems("state.path", settings.state.path, want_folder=False)
+    if upload.archive_dir:
+        problems += _place_problems(
+            "upload.archive_dir", Path(upload.archive_dir), want_folder=True
+        )
+    for index, watch in enumerate(settings.watch):
+        if _kind_of(watch.path) == "other":
+            problems.append((f"watch[{index}].path", f"{watch.path} is not a folder"))
+    if problems:
+        raise ConfigError([f"{name}: at '{key}': {message}" for key, message in problems])
+
+
+def _kind_of(path: Path) -> Literal["folder", "other", "missing", "unknown"]:
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError:
+        return "unknown"
+    return "folder" if stat.S_ISDIR(mode) else "other"
+
+
+def _key_file_problems(key_file: Path) -> list[tuple[str, str]]:
+    key = "nucleus.api_key_file"
+    try:
+        mode = key_file.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return [(key, f"{key_file}: no such file")]
+    except OSError:
+        return []  # e.g. a folder this user may not enter; the service user may
+    if not stat.S_ISREG(mode):
+        return [(key, f"{key_file} is not a regular file")]
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return [(key, _open_key_file_message(key_file, mode))]
+    return []
+
+
+def _ca_bundle_problems(ca_file: Path) -> list[tuple[str, str]]:
+    # The same tests the client makes when it is built, so check refuses what run would.
+    key = "nucleus.ca_bundle"
+    try:
+        content = ca_file.read_bytes()
+    except OSError as exc:
+        return [(key, f"cannot read {ca_file}: {exc.strerror or exc}")]
+    if b"-----BEGIN CERTIFICATE-----" not in content:
+        return [(key, f"{ca_file} holds no PEM certificate")]
+    try:
+        ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as exc:
+        return [(key, f"{ca_file} is not usable: {exc}")]
+    return []
+
+
+def _place_problems(key: str, path: Path, *, want_folder: bool) -> list[tuple[str, str]]:
+    """A folder (want_folder) or file the daemon creates if needed: can it be there?"""
+    kind = _kind_of(path)
+    if kind == "other" and want_folder:
+        return [(key, f"{path} is not a folder")]
+    if kind == "folder" and not want_folder:
+        return [(key, f"{path} is a folder; name a file in it, like {path / 'state.db'}")]
+    if kind != "missing":
+        return []
+    for parent in path.parents:
+        parent_kind = _kind_of(parent)
+        if parent_kind == "other":
+            return [(key, f"cannot be created: {parent} is not a folder")]
+        if parent_kind != "missing":
+            break
+    return []
+
+
 def resolve_api_key(nucleus: NucleusSettings, environ: Mapping[str, str] | None = None) -> str:
     """api_key_file, else NUCLEUS_API_KEY, else the systemd credential. Never echoes the key."""
     environ = os.environ if environ is None else environ
@@ -830,10 +917,7 @@ def _read_key_file(key_file: Path, *, check_mode: bool) -> str:
         with key_file.open("rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode
             if check_mode and mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigError(
-                    f"API key file {key_file} is open to other users "
-                    f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {key_file}"
-                )
+                raise ConfigError(f"API key file {_open_key_file_message(key_file, mode)}")
             content = handle.read()
     except OSError as exc:
         raise ConfigError(f"API key file {key_file}: cannot read: {exc.strerror or exc}") from None
@@ -845,6 +929,13 @@ def _read_key_file(key_file: Path, *, check_mode: bool) -> str:
         raise ConfigError(f"API key file {key_file} is empty")
     _check_key_text(key, f"API key file {key_file}")
     return key
+
+
+def _open_key_file_message(key_file: Path, mode: int) -> str:
+    return (
+        f"{key_file} is open to other users (mode {stat.S_IMODE(mode):04o}); "
+        f"run: chmod 600 {key_file}"
+    )
 
 
 def _check_key_text(key: str, source: str) -> None:
