@@ -359,6 +359,89 @@ def test_log_names_are_read_once_into_the_names_logging_takes(
     assert settings.log.level in get_args(LogLevel)
 
 
+def _watches(*watches: tuple[str, str, bool]) -> str:
+    return "".join(
+        f'[[watch]]\npath = "{path}"\ndataset_id = "{dataset}"\n'
+        f"recursive = {'true' if recursive else 'false'}\n"
+        for path, dataset, recursive in watches
+    )
+
+
+TWICE = "each file would be sent twice"
+
+
+@pytest.mark.parametrize(
+    ("watches", "expected"),
+    [
+        pytest.param(
+            [("/srv/cam", "ds_x", True), ("/srv/cam/a", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/cam/a is inside watch[0] (/srv/cam), "
+                f"which feeds the same dataset ds_x; {TWICE}"
+            ],
+            id="inner-after-outer",
+        ),
+        pytest.param(
+            [("/srv/cam/a/b", "ds_x", False), ("/srv/cam", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/cam holds watch[0] (/srv/cam/a/b), "
+                f"which feeds the same dataset ds_x; {TWICE}"
+            ],
+            id="outer-after-inner",
+        ),
+        pytest.param(
+            [("/srv/cam", "ds_x", False), ("/srv/cam/", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/cam is also the folder of watch[0] "
+                f"(/srv/cam), which feeds the same dataset ds_x; {TWICE}"
+            ],
+            id="same-folder",
+        ),
+        pytest.param(
+            [("/srv/cam", "ds_x", True), ("/srv/x/../cam/a", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/x/../cam/a is inside watch[0] (/srv/cam), "
+                f"which feeds the same dataset ds_x; {TWICE}"
+            ],
+            id="dot-dot",
+        ),
+        pytest.param(
+            [("/srv/cam", "ds_x", True), ("/srv/cam/a", "ds_x", True), ("/srv/cam", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/cam/a is inside watch[0] (/srv/cam), "
+                f"which feeds the same dataset ds_x; {TWICE}",
+                "config.toml: at 'watch[2].path': /srv/cam is also the folder of watch[0] "
+                f"(/srv/cam), which feeds the same dataset ds_x; {TWICE}",
+                "config.toml: at 'watch[2].path': /srv/cam holds watch[1] (/srv/cam/a), "
+                f"which feeds the same dataset ds_x; {TWICE}",
+            ],
+            id="three",
+        ),
+    ],
+)
+def test_watches_that_see_the_same_file_for_the_same_dataset_are_refused(
+    tmp_path: Path, watches: list[tuple[str, str, bool]], expected: list[str]
+) -> None:
+    assert problems_of(tmp_path, _watches(*watches)) == expected
+
+
+@pytest.mark.parametrize(
+    "watches",
+    [
+        pytest.param([("/srv/cam", "ds_x", True), ("/srv/cam", "ds_y", True)], id="same-folder"),
+        pytest.param([("/srv/cam", "ds_x", True), ("/srv/cam/a", "ds_y", True)], id="nested"),
+        pytest.param(
+            [("/srv/cam", "ds_x", False), ("/srv/cam/a", "ds_x", True)], id="outer-not-recursive"
+        ),
+        pytest.param([("/srv/cam", "ds_x", True), ("/srv/camera", "ds_x", True)], id="prefix"),
+    ],
+)
+def test_watches_that_share_no_file_or_feed_other_datasets_are_accepted(
+    tmp_path: Path, watches: list[tuple[str, str, bool]]
+) -> None:
+    assert len(load(tmp_path, _watches(*watches)).watch) == len(watches)
+
+
 def test_include_globs_with_a_slash_reach_the_watch_plan(tmp_path: Path) -> None:
     settings = load(tmp_path, MINIMAL_WATCH + 'include = ["raw/*.jpg", "*.png"]\n')
 

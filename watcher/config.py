@@ -522,6 +522,7 @@ class Settings(_Section):
                         f"is inside {_describe(index, watch)}; moved files would be found again",
                     )
                 )
+        problems.extend(_same_dataset_overlaps(self.watch))
         self._device = self.device_id or socket.gethostname()
         self._rule_sets = tuple(
             rules.RuleSet(watch, self._device, f"watch[{index}]")
@@ -552,6 +553,43 @@ class Settings(_Section):
 
 def _describe(index: int, watch: WatchSettings) -> str:
     return f"watch[{index}] ({watch.path})"
+
+
+def _same_dataset_overlaps(watches: Sequence[WatchSettings]) -> list[tuple[str, str]]:
+    """Two watches that can see the same file and feed the same dataset: it would go twice.
+
+    One folder feeding two datasets is fine (each file goes once to each). Include and exclude
+    are not looked at: roots that overlap for the same dataset are refused outright.
+    """
+    problems: list[tuple[str, str]] = []
+    for later_index, later in enumerate(watches):
+        for earlier_index, earlier in enumerate(watches[:later_index]):
+            if earlier.dataset_id != later.dataset_id:
+                continue
+            relation = _overlap(later, earlier, _describe(earlier_index, earlier))
+            if relation is not None:
+                problems.append(
+                    (
+                        f"watch[{later_index}].path",
+                        f"{relation}, which feeds the same dataset {later.dataset_id}; "
+                        f"each file would be sent twice",
+                    )
+                )
+    return problems
+
+
+def _overlap(watch: WatchSettings, other: WatchSettings, other_name: str) -> str | None:
+    """How `watch` and `other` see the same files, or None when no file is seen by both."""
+    # normpath, not resolve(): a folder may not exist yet, and "a/../b" is still "b".
+    root, other_root = Path(os.path.normpath(watch.path)), Path(os.path.normpath(other.path))
+    if root == other_root:
+        return f"{watch.path} is also the folder of {other_name}"
+    # A non-recursive watch sees only the files directly in its root, never a nested root's.
+    if other.recursive and root.is_relative_to(other_root):
+        return f"{watch.path} is inside {other_name}"
+    if watch.recursive and other_root.is_relative_to(root):
+        return f"{watch.path} holds {other_name}"
+    return None
 
 
 def compile_rules(settings: Settings) -> list[rules.RuleSet]:
