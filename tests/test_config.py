@@ -182,6 +182,11 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
             id="nul-dataset-id-non-finite",
         ),
         pytest.param(
+            f'device_id = "{"d" * 254}"\n' + MINIMAL_WATCH,
+            ["config.toml: at 'device_id': must be at most 253 characters (got 254)"],
+            id="long-device-id",
+        ),
+        pytest.param(
             "[upload]\nretry_initial_seconds = 600\nretry_max_seconds = 300\n" + MINIMAL_WATCH,
             [
                 "config.toml: at 'upload.retry_initial_seconds': must not be more than "

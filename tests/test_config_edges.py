@@ -131,6 +131,8 @@ ROWS: tuple[Row, ...] = (
         scans(*(f"cam 7 ü/{name}" for name in FILES)),
         {"watch[0].reference_id": '"{device}/{relpath}"'},
     ),
+    Row("device_id", '"' + "d" * 253 + '"', Scans()),
+    Row("device_id", '"' + "d" * 254 + '"', REFUSED),
     Row("device_id", '"a\\u0001b"', REFUSED),
     Row("device_id", "7", REFUSED),
     # [nucleus]

@@ -99,6 +99,7 @@ PositiveSeconds = Annotated[float, BeforeValidator(_refuse_bool), Field(gt=0, le
 MAX_CONCURRENCY = 64
 # 1 TB/s: no link is faster, so a larger limit is a typo (and 1e400 would overflow the bucket).
 MAX_BANDWIDTH_BYTES_PER_SECOND = 10**12
+MAX_DEVICE_ID_CHARS = 253
 _DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -506,6 +507,10 @@ class Settings(_Section):
     def _device_id(cls, value: str) -> str:
         if any(ord(char) < 32 or ord(char) == 127 for char in value):
             raise ValueError("must not contain control characters")
+        # It stands in for a hostname (at most 253 characters); much longer, a reference_id
+        # made with {device} would pass the server's length limit for every file.
+        if len(value) > MAX_DEVICE_ID_CHARS:
+            raise ValueError(f"must be at most {MAX_DEVICE_ID_CHARS} characters (got {len(value)})")
         return value
 
     @model_validator(mode="after")
