@@ -508,7 +508,7 @@ class Settings(_Section):
         if any(ord(char) < 32 or ord(char) == 127 for char in value):
             raise ValueError("must not contain control characters")
         # It stands in for a hostname (at most 253 characters); much longer, a reference_id
-        # made with {device} would pass the server's length limit for every file.
+        # made with {device} would exceed the 1024-character limit for every file.
         if len(value) > MAX_DEVICE_ID_CHARS:
             raise ValueError(f"must be at most {MAX_DEVICE_ID_CHARS} characters (got {len(value)})")
         return value
