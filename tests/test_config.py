@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import get_args
 
+import certifi
 import pydantic
 import pytest
 
+from watcher import pipeline
 from watcher.config import (
     NucleusSettings,
     Settings,
+    check_files,
     describe_watch,
     load_settings,
     parse_bandwidth_limit,
+    parse_endpoint,
     parse_listen_address,
     resolve_api_key,
 )
 from watcher.errors import ConfigError
+from watcher.logs import LogFormat, LogLevel
+from watcher.nucleus_client import NucleusClient
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
 MINIMAL_WATCH = '[[watch]]\npath = "/srv/camera"\ndataset_id = "ds_a"\n'
@@ -133,6 +141,50 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
             "[nucleus]\ntimeout_seconds = 0\n" + MINIMAL_WATCH,
             ["config.toml: at 'nucleus.timeout_seconds': must be more than 0 (got 0)"],
             id="zero-timeout",
+        ),
+        pytest.param(
+            "[nucleus]\ntimeout_seconds = inf\njob_poll_seconds = 1e300\n"
+            "[scan]\ninterval_seconds = 604801\n" + MINIMAL_WATCH,
+            [
+                "config.toml: at 'nucleus.timeout_seconds': must be at most 604800 (got inf)",
+                "config.toml: at 'nucleus.job_poll_seconds': must be at most 604800 (got 1e+300)",
+                "config.toml: at 'scan.interval_seconds': must be at most 604800 (got 604801)",
+            ],
+            id="seconds-beyond-a-week",
+        ),
+        pytest.param(
+            '[upload]\nconcurrency = 1000\nbandwidth_limit = "1e400"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.concurrency': must be at most 64 (got 1000)",
+                "config.toml: at 'upload.bandwidth_limit': cannot read '1e400' as a rate; write "
+                'e.g. "2MiB/s", "500KB/s", "800kbit/s", or leave it empty for no limit',
+            ],
+            id="concurrency-and-rate-limits",
+        ),
+        pytest.param(
+            '[upload]\nbandwidth_limit = "1' + "0" * 400 + 'B/s"\n' + MINIMAL_WATCH,
+            [
+                "config.toml: at 'upload.bandwidth_limit': '1" + "0" * 400 + "B/s' is more than "
+                "1 TB/s; leave it empty for no limit"
+            ],
+            id="rate-overflow",
+        ),
+        pytest.param(
+            '[[watch]]\npath = "/srv/a\\u0000b"\ndataset_id = "ds_\u00fc?#"\n'
+            "metadata = { gain = inf, bias = -nan }\n",
+            [
+                "config.toml: at 'watch[0].path': must not contain a NUL character (\\u0000)",
+                "config.toml: at 'watch[0].dataset_id': 'ds_\u00fc?#' is not a dataset id: "
+                "letters, digits, '_', '-' and '.' only; it looks like \"ds_...\"",
+                "config.toml: at 'watch[0].metadata.gain': must be a finite number (got inf)",
+                "config.toml: at 'watch[0].metadata.bias': must be a finite number (got nan)",
+            ],
+            id="nul-dataset-id-non-finite",
+        ),
+        pytest.param(
+            f'device_id = "{"d" * 254}"\n' + MINIMAL_WATCH,
+            ["config.toml: at 'device_id': must be at most 253 characters (got 254)"],
+            id="long-device-id",
         ),
         pytest.param(
             "[upload]\nretry_initial_seconds = 600\nretry_max_seconds = 300\n" + MINIMAL_WATCH,
@@ -259,6 +311,25 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
             id="nested-metadata",
         ),
         pytest.param(
+            MINIMAL_WATCH + 'include = ["raw/", "*.jpg"]\nexclude = ["../x"]\n',
+            [
+                "config.toml: at 'watch[0].include': 'raw/' ends with '/'; globs match files: "
+                "write 'raw/**' for everything below raw/, or a name like 'raw' for any folder "
+                "so named",
+                "config.toml: at 'watch[0].exclude': '../x' uses '.' or '..'; paths are matched "
+                "below the watch folder as they are",
+            ],
+            id="path-globs",
+        ),
+        pytest.param(
+            MINIMAL_WATCH + 'recursive = false\ninclude = ["*.png", "raw/*.jpg"]\n',
+            [
+                "config.toml: at 'watch[0].include': 'raw/*.jpg' matches only files in "
+                "sub-folders, but recursive = false watches only the files directly in /srv/camera"
+            ],
+            id="path-glob-without-recursion",
+        ),
+        pytest.param(
             f'[nucleus]\napi_key = "{SECRET_KEY}"\n' + MINIMAL_WATCH,
             [
                 "config.toml: at 'nucleus.api_key': unknown key; the API key never goes in the "
@@ -272,6 +343,119 @@ def test_bad_config_gives_one_line_per_problem(
     tmp_path: Path, text: str, expected: list[str]
 ) -> None:
     assert problems_of(tmp_path, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("format_text", "level_text", "format_name", "level_name"),
+    [
+        ("JSON", "WARN", "json", "warning"),
+        (" console ", " Debug ", "console", "debug"),
+        ("auto", "critical", "auto", "critical"),
+    ],
+)
+def test_log_names_are_read_once_into_the_names_logging_takes(
+    tmp_path: Path, format_text: str, level_text: str, format_name: str, level_name: str
+) -> None:
+    text = f'[log]\nformat = "{format_text}"\nlevel = "{level_text}"\n' + MINIMAL_WATCH
+    settings = load(tmp_path, text)
+
+    assert (settings.log.format, settings.log.level) == (format_name, level_name)
+    assert get_args(LogFormat) == ("auto", "json", "console")
+    assert settings.log.level in get_args(LogLevel)
+
+
+def _watches(*watches: tuple[str, str, bool]) -> str:
+    return "".join(
+        f'[[watch]]\npath = "{path}"\ndataset_id = "{dataset}"\n'
+        f"recursive = {'true' if recursive else 'false'}\n"
+        for path, dataset, recursive in watches
+    )
+
+
+TWICE = "each file would be sent twice"
+
+
+@pytest.mark.parametrize(
+    ("watches", "expected"),
+    [
+        pytest.param(
+            [("/srv/cam", "ds_x", True), ("/srv/cam/a", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/cam/a is inside watch[0] (/srv/cam), "
+                f"which feeds the same dataset ds_x; {TWICE}"
+            ],
+            id="inner-after-outer",
+        ),
+        pytest.param(
+            [("/srv/cam/a/b", "ds_x", False), ("/srv/cam", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/cam holds watch[0] (/srv/cam/a/b), "
+                f"which feeds the same dataset ds_x; {TWICE}"
+            ],
+            id="outer-after-inner",
+        ),
+        pytest.param(
+            [("/srv/cam", "ds_x", False), ("/srv/cam/", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/cam is also the folder of watch[0] "
+                f"(/srv/cam), which feeds the same dataset ds_x; {TWICE}"
+            ],
+            id="same-folder",
+        ),
+        pytest.param(
+            [("/srv/cam", "ds_x", True), ("/srv/x/../cam/a", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/x/../cam/a is inside watch[0] (/srv/cam), "
+                f"which feeds the same dataset ds_x; {TWICE}"
+            ],
+            id="dot-dot",
+        ),
+        pytest.param(
+            [("/srv/cam", "ds_x", True), ("/srv/cam/a", "ds_x", True), ("/srv/cam", "ds_x", True)],
+            [
+                "config.toml: at 'watch[1].path': /srv/cam/a is inside watch[0] (/srv/cam), "
+                f"which feeds the same dataset ds_x; {TWICE}",
+                "config.toml: at 'watch[2].path': /srv/cam is also the folder of watch[0] "
+                f"(/srv/cam), which feeds the same dataset ds_x; {TWICE}",
+                "config.toml: at 'watch[2].path': /srv/cam holds watch[1] (/srv/cam/a), "
+                f"which feeds the same dataset ds_x; {TWICE}",
+            ],
+            id="three",
+        ),
+    ],
+)
+def test_watches_that_see_the_same_file_for_the_same_dataset_are_refused(
+    tmp_path: Path, watches: list[tuple[str, str, bool]], expected: list[str]
+) -> None:
+    assert problems_of(tmp_path, _watches(*watches)) == expected
+
+
+@pytest.mark.parametrize(
+    "watches",
+    [
+        pytest.param([("/srv/cam", "ds_x", True), ("/srv/cam", "ds_y", True)], id="same-folder"),
+        pytest.param([("/srv/cam", "ds_x", True), ("/srv/cam/a", "ds_y", True)], id="nested"),
+        pytest.param(
+            [("/srv/cam", "ds_x", False), ("/srv/cam/a", "ds_x", True)], id="outer-not-recursive"
+        ),
+        pytest.param([("/srv/cam", "ds_x", True), ("/srv/camera", "ds_x", True)], id="prefix"),
+    ],
+)
+def test_watches_that_share_no_file_or_feed_other_datasets_are_accepted(
+    tmp_path: Path, watches: list[tuple[str, str, bool]]
+) -> None:
+    assert len(load(tmp_path, _watches(*watches)).watch) == len(watches)
+
+
+def test_include_globs_with_a_slash_reach_the_watch_plan(tmp_path: Path) -> None:
+    settings = load(tmp_path, MINIMAL_WATCH + 'include = ["raw/*.jpg", "*.png"]\n')
+
+    [plan] = pipeline.watch_plans(settings)
+
+    assert plan.path_filter.accepts("raw/a.jpg")
+    assert plan.path_filter.accepts("deep/b.png")
+    assert not plan.path_filter.accepts("a.jpg")
+    assert not plan.path_filter.accepts("raw/deep/a.jpg")
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -427,7 +611,142 @@ def test_missing_key_file_and_no_key_anywhere(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# What only the file system can tell (check, run and scan ask)
+
+
+def _places(tmp_path: Path) -> None:
+    (tmp_path / "a file").write_text("not a folder\n")
+    (tmp_path / "a dir").mkdir()
+    write_key(tmp_path / "open key", 0o644)
+    (tmp_path / "not a cert.pem").write_text("hello\n")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("nucleus", "api_key_file", "missing key", "{tmp}/missing key: no such file"),
+        ("nucleus", "api_key_file", "a dir", "{tmp}/a dir is not a regular file"),
+        (
+            "nucleus",
+            "api_key_file",
+            "open key",
+            "{tmp}/open key is open to other users (mode 0644); run: chmod 600 {tmp}/open key",
+        ),
+        (
+            "nucleus",
+            "ca_bundle",
+            "none.pem",
+            "cannot read {tmp}/none.pem: No such file or directory",
+        ),
+        ("nucleus", "ca_bundle", "a dir", "cannot read {tmp}/a dir: Is a directory"),
+        ("nucleus", "ca_bundle", "not a cert.pem", "{tmp}/not a cert.pem holds no PEM certificate"),
+        (
+            "state",
+            "path",
+            "a dir",
+            "{tmp}/a dir is a folder; name a file in it, like {tmp}/a dir/state.db",
+        ),
+        ("state", "path", "a file/x/state.db", "cannot be created: {tmp}/a file is not a folder"),
+        ("upload", "archive_dir", "a file", "{tmp}/a file is not a folder"),
+        ("upload", "archive_dir", "a file/done", "cannot be created: {tmp}/a file is not a folder"),
+    ],
+)
+def test_paths_the_file_system_refuses_give_one_line(
+    tmp_path: Path, section: str, key: str, value: str, message: str
+) -> None:
+    _places(tmp_path)
+    extra = 'after_upload = "move"\n' if key == "archive_dir" else ""
+    settings = load(tmp_path, f'[{section}]\n{key} = "{value}"\n{extra}' + MINIMAL_WATCH)
+
+    with pytest.raises(ConfigError) as caught:
+        check_files(settings, "config.toml")
+
+    expected = message.replace("{tmp}", str(tmp_path))
+    assert caught.value.problems == [f"config.toml: at '{section}.{key}': {expected}"]
+
+
+def test_a_watch_path_that_is_a_file_is_refused_and_a_missing_one_is_not(tmp_path: Path) -> None:
+    _places(tmp_path)
+    text = (
+        f'[state]\npath = "{tmp_path}/state.db"\n'
+        f'[[watch]]\npath = "{tmp_path}/a file"\ndataset_id = "ds_a"\n'
+        f'[[watch]]\npath = "{tmp_path}/not yet"\ndataset_id = "ds_b"\n'
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        check_files(load(tmp_path, text), "config.toml")
+
+    assert caught.value.problems == [
+        f"config.toml: at 'watch[0].path': {tmp_path}/a file is not a folder"
+    ]
+
+
+def test_usable_paths_pass_the_file_checks(tmp_path: Path) -> None:
+    (tmp_path / "key dir").mkdir()
+    key_file = write_key(tmp_path / "key dir/api key", 0o600)
+    text = (
+        f'[nucleus]\napi_key_file = "{key_file}"\nca_bundle = "{certifi.where()}"\n'
+        '[state]\npath = "new/folders/state.db"\n'
+        '[upload]\nafter_upload = "move"\narchive_dir = "archive/later"\n' + MINIMAL_WATCH
+    )
+
+    check_files(load(tmp_path, text), "config.toml")
+
+
+# ---------------------------------------------------------------------------------------------
 # Value parsers
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "host"),
+    [
+        ("https://api.scale.com/v1/nucleus/", "https://api.scale.com/v1/nucleus", "api.scale.com"),
+        (
+            " HTTP://127.0.0.1:8080/v1/nucleus ",
+            "http://127.0.0.1:8080/v1/nucleus",
+            "127.0.0.1:8080",
+        ),
+        ("https://[::1]:1/v1", "https://[::1]:1/v1", "[::1]:1"),
+    ],
+)
+def test_endpoint_parsing(text: str, url: str, host: str) -> None:
+    assert parse_endpoint(text) == (url, host)
+    assert NucleusSettings(endpoint=text).endpoint == url
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("http://user:s3cret@127.0.0.1/v1", "must not contain credentials (user:password@)"),
+        ("https://:s3cret@api.example/v1", "must not contain credentials (user:password@)"),
+        ("http://127.0.0.1:99999/v1", "is not a valid URL: Port out of range 0-65535"),
+        ("http://[::1/v1", "is not a valid URL: Invalid IPv6 URL"),
+        ("http:///v1/nucleus", "must be an http:// or https:// URL"),
+        ("http://exa mple.com/v1", "must not contain spaces or control characters"),
+        ("http://127.0.0.1/v1?key=1", "must not have a query (?...) or a fragment (#...)"),
+        ("http://127.0.0.1/v1#top", "must not have a query (?...) or a fragment (#...)"),
+    ],
+)
+def test_endpoint_refusals_are_the_same_in_config_and_client(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as parsed:
+        parse_endpoint(text)
+    with pytest.raises(ConfigError) as built:
+        NucleusClient(text, "key")
+
+    assert str(parsed.value).startswith(message)
+    assert built.value.problems == [f"nucleus.endpoint: {parsed.value}"]
+    assert "s3cret" not in str(parsed.value)
+
+
+def test_endpoint_with_credentials_is_refused_at_load_without_showing_them(
+    tmp_path: Path,
+) -> None:
+    text = '[nucleus]\nendpoint = "https://me:s3cret@api.example/v1"\n' + MINIMAL_WATCH
+
+    assert problems_of(tmp_path, text) == [
+        "config.toml: at 'nucleus.endpoint': must not contain credentials (user:password@); "
+        "the API key is sent apart"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -471,3 +790,46 @@ def test_bandwidth_limit_reaches_upload_settings(tmp_path: Path) -> None:
 )
 def test_listen_address_parsing(text: str, address: tuple[str, int] | None) -> None:
     assert parse_listen_address(text) == address
+
+
+@pytest.mark.parametrize(
+    ("text", "message_start"),
+    [
+        ("9464", "must be host:port"),
+        ("localhost", "must be host:port"),
+        ("127.0.0.1:99999", "must be host:port"),
+        ("[::1:9464", "must be host:port"),
+        (":9464", "must be host:port"),
+        ("127.0.0.1:\u0669\u0664", "must be host:port"),
+        ("127.0.0.1:\u00b2", "must be host:port"),
+        ("::1:9464", "must be host:port"),
+        ("nosuchhost.invalid:9464", "'nosuchhost.invalid' is not an IP address"),
+        ("[localhost]:9464", "'localhost' is not an IP address"),
+        (" 127.0.0.1:9464", "' 127.0.0.1' is not an IP address"),
+    ],
+)
+def test_listen_address_refusals(text: str, message_start: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(message_start)):
+        parse_listen_address(text)
+
+
+def test_ipv6_listen_address_without_brackets_gets_a_hint(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, '[metrics]\nlisten = "::1:9464"\n' + MINIMAL_WATCH) == [
+        "config.toml: at 'metrics.listen': must be host:port like \"127.0.0.1:9464\" (use "
+        "0.0.0.0 for every interface), or empty to turn metrics off (got '::1:9464') (write an "
+        'IPv6 address in brackets: "[::1]:9464")'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("", ("127.0.0.1", 9464)),
+        ('[metrics]\nlisten = ""\n', None),
+        ('[metrics]\nlisten = "[::]:0"\n', ("::", 0)),
+    ],
+)
+def test_settings_carry_the_parsed_listen_address(
+    tmp_path: Path, text: str, address: tuple[str, int] | None
+) -> None:
+    assert load(tmp_path, text + MINIMAL_WATCH).metrics.listen_address == address

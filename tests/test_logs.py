@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import structlog
 
-from watcher.errors import ConfigError
 from watcher.logs import add_secret, configure_logging, reset_logging
 
 # 21 characters: "<key>:" is 22 bytes, so its base64 form ends in "==" padding.
@@ -195,17 +194,3 @@ def test_console_format_on_a_tty_is_readable_and_redacted() -> None:
     assert "dataset_id=ds_1" in first_line
     assert "RuntimeError: key [redacted] refused" in text
     assert_no_secret(text)
-
-
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [
-        ({"level": "verbose"}, "log.level: unknown level 'verbose'"),
-        ({"format": "xml"}, "log.format: unknown format 'xml'"),
-    ],
-)
-def test_bad_settings_are_refused_with_one_line(settings: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError) as caught:
-        configure_logging(stream=io.StringIO(), **settings)
-    [problem] = caught.value.problems
-    assert problem.startswith(message)

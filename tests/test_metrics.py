@@ -25,7 +25,7 @@ def http() -> Iterator[requests.Session]:
 @pytest.fixture
 def metrics() -> Iterator[Metrics]:
     instance = Metrics()
-    instance.start_http_server("127.0.0.1:0")
+    instance.start_http_server("127.0.0.1", 0)
     yield instance
     instance.stop()
 
@@ -124,7 +124,7 @@ def test_instances_have_separate_registries(metrics: Metrics, http: requests.Ses
 
 def test_stop_joins_the_server_thread_and_frees_the_port(http: requests.Session) -> None:
     instance = Metrics()
-    instance.start_http_server("127.0.0.1:0")
+    instance.start_http_server("127.0.0.1", 0)
     port = instance.port
     assert scrape(http, "127.0.0.1", port)
 
@@ -150,21 +150,12 @@ def _ipv6_loopback_available() -> bool:
 @pytest.mark.skipif(not _ipv6_loopback_available(), reason="no IPv6 loopback on this machine")
 def test_ipv6_listen_address(http: requests.Session) -> None:
     instance = Metrics()
-    instance.start_http_server("[::1]:0")
+    instance.start_http_server("::1", 0)
     try:
         samples = scrape(http, "[::1]", instance.port)
         assert f'nucleus_watcher_build_info{{version="{__version__}"}}' in samples
     finally:
         instance.stop()
-
-
-@pytest.mark.parametrize("listen", ["9464", "localhost", "127.0.0.1:99999", "[::1:9464"])
-def test_malformed_listen_address_is_a_config_error(listen: str) -> None:
-    instance = Metrics()
-    with pytest.raises(ConfigError) as caught:
-        instance.start_http_server(listen)
-    assert caught.value.problems[0].startswith("metrics.listen: ")
-    assert instance.port is None
 
 
 def test_port_in_use_is_a_config_error() -> None:
@@ -174,5 +165,5 @@ def test_port_in_use_is_a_config_error() -> None:
         port = taken.getsockname()[1]
         instance = Metrics()
         with pytest.raises(ConfigError, match=f"cannot listen on '127.0.0.1:{port}'"):
-            instance.start_http_server(f"127.0.0.1:{port}")
+            instance.start_http_server("127.0.0.1", port)
         instance.stop()

@@ -1,4 +1,4 @@
-"""PathFilter: include globs on the file name, exclude globs on every segment."""
+"""PathFilter: name globs (include on the file name, exclude on every segment) and path globs."""
 
 from __future__ import annotations
 
@@ -68,11 +68,66 @@ def test_accepts_dir_prunes_excluded_folders(camera_filter: PathFilter) -> None:
 
 @pytest.mark.parametrize(
     ("include", "exclude"),
-    [(["a/*.jpg"], []), ([], ["cache/*"]), ([""], []), ([], [""])],
+    [
+        ([""], []),
+        ([], [""]),
+        (["raw/"], []),
+        ([], ["cache/"]),
+        (["/"], []),
+        (["raw//*.jpg"], []),
+        (["../*.jpg"], []),
+        ([], ["a/./b"]),
+    ],
 )
 def test_refuses_globs_that_can_never_match(include: list[str], exclude: list[str]) -> None:
     with pytest.raises(ValueError):
         PathFilter(include, exclude)
+
+
+@pytest.mark.parametrize(
+    ("include", "accepted", "refused"),
+    [
+        (["raw/*.jpg"], ["raw/a.jpg", "RAW/B.JPG"], ["a.jpg", "raw/deep/a.jpg", "x/raw/a.jpg"]),
+        (["/raw/*.jpg"], ["raw/a.jpg"], ["x/raw/a.jpg"]),
+        (["raw/**"], ["raw/a.jpg", "raw/d/e/f.png"], ["a.jpg", "x/raw/a.jpg"]),
+        (["**/raw/*.jpg"], ["raw/a.jpg", "x/y/raw/a.jpg"], ["raw/d/a.jpg"]),
+        (["cam?/**/*.png", "*.jpg"], ["cam1/a.png", "cam2/x/y/b.png", "z/c.jpg"], ["cam1/a.gif"]),
+        (["[ab]/*.jpg"], ["a/1.jpg", "B/2.jpg"], ["c/3.jpg"]),
+    ],
+)
+def test_include_globs_with_a_slash_match_the_path_below_the_root(
+    include: list[str], accepted: list[str], refused: list[str]
+) -> None:
+    path_filter = PathFilter(include, [".*"])
+    for relpath in accepted:
+        assert path_filter.accepts(relpath), relpath
+    for relpath in refused:
+        assert not path_filter.accepts(relpath), relpath
+    assert not path_filter.accepts("raw/.hidden.jpg")  # name excludes still apply
+
+
+def test_exclude_globs_with_a_slash_drop_a_path_and_everything_below_it() -> None:
+    path_filter = PathFilter(["*.jpg"], ["raw/tmp", "**/drafts/*.jpg"])
+
+    assert path_filter.accepts("raw/a.jpg")
+    assert path_filter.accepts("tmp/a.jpg")
+    assert path_filter.accepts("x/raw/tmp/a.jpg")
+    assert not path_filter.accepts("raw/tmp/a.jpg")
+    assert not path_filter.accepts("raw/TMP/deep/a.jpg")
+    assert not path_filter.accepts("drafts/a.jpg")
+    assert not path_filter.accepts("x/drafts/a.jpg")
+    assert path_filter.accepts("x/drafts/deeper/a.jpg")
+    assert not path_filter.accepts_dir("raw/tmp")
+    assert not path_filter.accepts_dir("raw/tmp/deep")
+    assert path_filter.accepts_dir("raw")
+    assert path_filter.accepts_dir("x/drafts")
+
+
+def test_many_double_stars_stay_fast() -> None:
+    path_filter = PathFilter(["/".join(["**"] * 30 + ["*.jpg"])], [])
+    deep = "/".join(["d"] * 200) + "/x.jpg"
+    assert path_filter.accepts(deep)
+    assert not path_filter.accepts(deep + ".txt")
 
 
 def test_refuses_a_bare_string() -> None:

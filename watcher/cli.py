@@ -137,10 +137,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             keep=args.keep, seconds=args.seconds, link_rate_bytes_per_second=args.link_rate
         )
 
-    from watcher.config import load_settings, resolve_api_key
+    from watcher.config import check_files, load_settings, resolve_api_key
     from watcher.logs import configure_logging
 
     settings = load_settings(args.config)
+    if args.command in ("check", "run", "scan"):
+        check_files(settings, args.config.name)
     if args.command in ("run", "scan") or (args.command == "check" and args.online):
         api_key = resolve_api_key(settings.nucleus)
         secrets = [api_key]

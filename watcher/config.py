@@ -18,14 +18,18 @@ Problems are reported as `config.toml: at 'watch[0].rules[1].regex': message`, o
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import math
 import os
 import re
 import socket
+import ssl
 import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -38,11 +42,12 @@ from pydantic import (
     model_validator,
 )
 
-from watcher import rules
+from watcher import logs, pathfilter, rules
 from watcher.errors import ConfigError
 
 __all__ = [
     "DiskSettings",
+    "Endpoint",
     "LogSettings",
     "MetricsSettings",
     "NucleusSettings",
@@ -53,10 +58,12 @@ __all__ = [
     "StateSettings",
     "UploadSettings",
     "WatchSettings",
+    "check_files",
     "compile_rules",
     "describe_watch",
     "load_settings",
     "parse_bandwidth_limit",
+    "parse_endpoint",
     "parse_listen_address",
     "resolve_api_key",
     "settings_from_mapping",
@@ -83,7 +90,17 @@ def _refuse_bool(value: Any) -> Any:
     return value
 
 
-PositiveSeconds = Annotated[float, BeforeValidator(_refuse_bool), Field(gt=0)]
+# The longest any duration setting may be (one week). Longer is no real setting, and inf or 1e300
+# would reach a timer: Condition.wait and time.sleep raise OverflowError on those.
+MAX_SECONDS = 604_800
+PositiveSeconds = Annotated[float, BeforeValidator(_refuse_bool), Field(gt=0, le=MAX_SECONDS)]
+# Each worker is a thread with its own connection; against one API more than this does not go
+# faster, and a typo like 4000 would start that many threads.
+MAX_CONCURRENCY = 64
+# 1 TB/s: no link is faster, so a larger limit is a typo (and 1e400 would overflow the bucket).
+MAX_BANDWIDTH_BYTES_PER_SECOND = 10**12
+MAX_DEVICE_ID_CHARS = 253
+_DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class _Section(BaseModel):
@@ -127,25 +144,81 @@ def parse_bandwidth_limit(text: str) -> int | None:
             f'cannot read {text!r} as a rate; write e.g. "2MiB/s", "500KB/s", "800kbit/s", '
             f"or leave it empty for no limit"
         )
-    bytes_per_second = round(float(found.group(1)) * _BANDWIDTH_UNIT_BYTES[found.group(2)])
+    rate = float(found.group(1)) * _BANDWIDTH_UNIT_BYTES[found.group(2)]
+    if not rate <= MAX_BANDWIDTH_BYTES_PER_SECOND:
+        raise ValueError(f"{text!r} is more than 1 TB/s; leave it empty for no limit")
+    bytes_per_second = round(rate)
     if bytes_per_second < 1:
         raise ValueError(f"{text!r} is less than 1 byte per second; leave it empty for no limit")
     return bytes_per_second
 
 
+_LISTEN = re.compile(r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})")
+
+
 def parse_listen_address(text: str) -> tuple[str, int] | None:
-    """ "127.0.0.1:9464" -> ("127.0.0.1", 9464); "[::1]:9464" -> ("::1", 9464); "" -> None."""
+    """ "127.0.0.1:9464" -> ("127.0.0.1", 9464); "[::1]:9464" -> ("::1", 9464); "" -> None.
+
+    The host must be an IP address or localhost: what the metrics server can bind without
+    asking DNS, so an address that passed here does not fail later for its spelling.
+    """
     if not text:
         return None
-    host, colon, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not colon or not host or not port_text.isdigit() or int(port_text) > 65535:
+    found = _LISTEN.fullmatch(text)
+    if found is None or int(found["port"]) > 65535:
+        hint = ' (write an IPv6 address in brackets: "[::1]:9464")' if text.count(":") > 1 else ""
         raise ValueError(
             f'must be host:port like "127.0.0.1:9464" (use 0.0.0.0 for every interface), '
-            f"or empty to turn metrics off (got {text!r})"
+            f"or empty to turn metrics off (got {text!r}){hint}"
         )
-    return host, int(port_text)
+    if found["ipv6"] is not None:
+        host, usable = found["ipv6"], _is_ip_address(found["ipv6"], version=6)
+    else:
+        host = found["host"]
+        usable = host == "localhost" or _is_ip_address(host, version=4)
+    if not usable:
+        raise ValueError(
+            f"{host!r} is not an IP address; use 127.0.0.1 (this machine), 0.0.0.0 (every "
+            f"interface), [::1], [::] or localhost (got {text!r})"
+        )
+    return host, int(found["port"])
+
+
+def _is_ip_address(text: str, *, version: int) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return address.version == version
+
+
+class Endpoint(NamedTuple):
+    url: str  # the base URL routes are appended to, without a trailing slash
+    host: str  # host[:port], for messages
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """The one rule for nucleus.endpoint, which the client applies too. Raises ValueError.
+
+    A message never repeats a URL that holds credentials.
+    """
+    url = text.strip()
+    shown = "" if "@" in url else f" (got {url!r})"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading the port is what checks it)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL: {exc}{shown}") from None
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain credentials (user:password@); the API key is sent apart")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL{shown}")
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise ValueError(f"must not contain spaces or control characters{shown}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query (?...) or a fragment (#...){shown}")
+    # Routes are joined as f"{endpoint}/dataset/..."; a trailing slash would double it.
+    return Endpoint(urlunsplit(parts).rstrip("/"), parts.netloc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,15 +237,16 @@ class NucleusSettings(_Section):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_http_url(cls, value: str) -> str:
-        scheme, separator, rest = value.partition("://")
-        if scheme not in ("http", "https") or not separator or not rest.strip("/"):
-            raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
-        # Routes are joined as f"{endpoint}/dataset/..."; a trailing slash would double it.
-        return value.rstrip("/")
+        return parse_endpoint(value).url
+
+    @field_validator("api_key_file", "ca_bundle")
+    @classmethod
+    def _file_path_text(cls, value: str) -> str:
+        return _path_text(value)
 
 
 class UploadSettings(_Section):
-    concurrency: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1)] = 4
+    concurrency: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1, le=MAX_CONCURRENCY)] = 4
     max_files_per_request: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1, le=10)] = 10
     max_file_bytes: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=1)] = 104_857_600
     bandwidth_limit: str = ""
@@ -184,14 +258,23 @@ class UploadSettings(_Section):
     order: Literal["oldest-first", "newest-first"] = "oldest-first"
     stop_timeout_seconds: PositiveSeconds = 30
 
+    _bandwidth_bytes_per_second: int | None = PrivateAttr(default=None)
+
+    @field_validator("archive_dir")
+    @classmethod
+    def _archive_dir_text(cls, value: str) -> str:
+        return _path_text(value)
+
     @field_validator("bandwidth_limit")
     @classmethod
     def _bandwidth_parses(cls, value: str) -> str:
+        # Here, not only below, so that it is reported along with any other field's problem.
         parse_bandwidth_limit(value)
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> UploadSettings:
+        self._bandwidth_bytes_per_second = parse_bandwidth_limit(self.bandwidth_limit)
         problems: list[tuple[str, str]] = []
         if self.retry_initial_seconds > self.retry_max_seconds:
             problems.append(
@@ -211,7 +294,8 @@ class UploadSettings(_Section):
 
     @property
     def bandwidth_limit_bytes_per_second(self) -> int | None:
-        return parse_bandwidth_limit(self.bandwidth_limit)
+        """The parsed bandwidth_limit; None for no limit."""
+        return self._bandwidth_bytes_per_second
 
 
 class SettleSettings(_Section):
@@ -245,39 +329,55 @@ class StateSettings(_Section):
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
+        _path_text(str(value))
         if not value.is_absolute():
             raise ValueError(f"must be an absolute path (got '{value}')")
         return value
 
 
 class LogSettings(_Section):
-    format: Literal["auto", "json", "console"] = "auto"
-    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: logs.LogFormat = "auto"
+    level: logs.LogLevel = "info"
 
-    @field_validator("level", mode="before")
+    @field_validator("format", "level", mode="before")
     @classmethod
-    def _lower_case(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
+    def _canonical_name(cls, value: Any) -> Any:
+        # "INFO", " info " and "warn" mean what the person who wrote them meant.
+        if not isinstance(value, str):
+            return value
+        name = value.strip().lower()
+        return logs.LOG_LEVEL_ALIASES.get(name, name)
 
 
 class MetricsSettings(_Section):
     listen: str = "127.0.0.1:9464"
 
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        parse_listen_address(value)
-        return value
+    _address: tuple[str, int] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _host_port(self) -> MetricsSettings:
+        try:
+            self._address = parse_listen_address(self.listen)
+        except ValueError as exc:
+            raise _KeyedProblems([("listen", str(exc))]) from None
+        return self
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
-        """(host, port), or None when metrics are off."""
-        return parse_listen_address(self.listen)
+        """(host, port) for `Metrics.start_http_server`, or None when metrics are off."""
+        return self._address
 
 
 class DiskSettings(_Section):
     min_free_bytes: Annotated[int, BeforeValidator(_refuse_bool), Field(ge=0)] = 0
     delete_uploaded_when_low: bool = False
+
+
+def _path_text(value: str) -> str:
+    # The OS cannot take a path with NUL in it: os.stat and open raise ValueError.
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return value
 
 
 def _check_metadata_table(table: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +387,8 @@ def _check_metadata_table(table: dict[str, Any]) -> dict[str, Any]:
             problems.append((rules.dotted_key([name]), "a metadata key must not be empty"))
         elif not isinstance(value, str | int | float | bool):
             problems.append((rules.dotted_key([name]), "must be text, a number or true/false"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append((rules.dotted_key([name]), f"must be a finite number (got {value})"))
     if problems:
         raise _KeyedProblems(problems)
     return table
@@ -334,6 +436,7 @@ class WatchSettings(_Section):
     def _absolute(cls, value: Path) -> Path:
         # A missing folder is fine (a mount may come later; the daemon waits), a relative one is
         # not: it would depend on the daemon's working directory.
+        _path_text(str(value))
         if not value.is_absolute():
             raise ValueError(f"must be an absolute path (got '{value}')")
         return value
@@ -343,8 +446,13 @@ class WatchSettings(_Section):
     def _dataset_id(cls, value: str) -> str:
         if not value:
             raise ValueError('must not be empty; it looks like "ds_..."')
-        if any(char.isspace() or char == "/" for char in value):
-            raise ValueError(f'{value!r} is not a dataset id; it looks like "ds_..."')
+        # Ids look like "ds_bw6de8s84pe0vbn6p5zg"; anything else would reach the URL and only
+        # fail there, file by file.
+        if _DATASET_ID.fullmatch(value) is None:
+            raise ValueError(
+                f"{value!r} is not a dataset id: letters, digits, '_', '-' and '.' only; "
+                'it looks like "ds_..."'
+            )
         return value
 
     @field_validator("include", "exclude")
@@ -352,6 +460,9 @@ class WatchSettings(_Section):
     def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(not pattern for pattern in value):
             raise ValueError("holds an empty pattern")
+        problems = [problem for pattern in value if (problem := pathfilter.glob_problem(pattern))]
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
     @field_validator("metadata")
@@ -361,7 +472,16 @@ class WatchSettings(_Section):
 
     @model_validator(mode="after")
     def _rules_compile(self) -> WatchSettings:
-        problems = rules.watch_problems(self)
+        problems = list(rules.watch_problems(self))
+        deep = [pattern for pattern in self.include if pathfilter.min_depth(pattern) > 1]
+        if deep and not self.recursive:
+            problems.append(
+                (
+                    "include",
+                    f"{deep[0]!r} matches only files in sub-folders, but recursive = false "
+                    f"watches only the files directly in {self.path}",
+                )
+            )
         if problems:
             raise _KeyedProblems(problems)
         return self
@@ -387,6 +507,10 @@ class Settings(_Section):
     def _device_id(cls, value: str) -> str:
         if any(ord(char) < 32 or ord(char) == 127 for char in value):
             raise ValueError("must not contain control characters")
+        # It stands in for a hostname (at most 253 characters); much longer, a reference_id
+        # made with {device} would exceed the 1024-character limit for every file.
+        if len(value) > MAX_DEVICE_ID_CHARS:
+            raise ValueError(f"must be at most {MAX_DEVICE_ID_CHARS} characters (got {len(value)})")
         return value
 
     @model_validator(mode="after")
@@ -403,6 +527,7 @@ class Settings(_Section):
                         f"is inside {_describe(index, watch)}; moved files would be found again",
                     )
                 )
+        problems.extend(_same_dataset_overlaps(self.watch))
         self._device = self.device_id or socket.gethostname()
         self._rule_sets = tuple(
             rules.RuleSet(watch, self._device, f"watch[{index}]")
@@ -433,6 +558,43 @@ class Settings(_Section):
 
 def _describe(index: int, watch: WatchSettings) -> str:
     return f"watch[{index}] ({watch.path})"
+
+
+def _same_dataset_overlaps(watches: Sequence[WatchSettings]) -> list[tuple[str, str]]:
+    """Two watches that can see the same file and feed the same dataset: it would go twice.
+
+    One folder feeding two datasets is fine (each file goes once to each). Include and exclude
+    are not looked at: roots that overlap for the same dataset are refused outright.
+    """
+    problems: list[tuple[str, str]] = []
+    for later_index, later in enumerate(watches):
+        for earlier_index, earlier in enumerate(watches[:later_index]):
+            if earlier.dataset_id != later.dataset_id:
+                continue
+            relation = _overlap(later, earlier, _describe(earlier_index, earlier))
+            if relation is not None:
+                problems.append(
+                    (
+                        f"watch[{later_index}].path",
+                        f"{relation}, which feeds the same dataset {later.dataset_id}; "
+                        f"each file would be sent twice",
+                    )
+                )
+    return problems
+
+
+def _overlap(watch: WatchSettings, other: WatchSettings, other_name: str) -> str | None:
+    """How `watch` and `other` see the same files, or None when no file is seen by both."""
+    # normpath, not resolve(): a folder may not exist yet, and "a/../b" is still "b".
+    root, other_root = Path(os.path.normpath(watch.path)), Path(os.path.normpath(other.path))
+    if root == other_root:
+        return f"{watch.path} is also the folder of {other_name}"
+    # A non-recursive watch sees only the files directly in its root, never a nested root's.
+    if other.recursive and root.is_relative_to(other_root):
+        return f"{watch.path} is inside {other_name}"
+    if watch.recursive and other_root.is_relative_to(root):
+        return f"{watch.path} holds {other_name}"
+    return None
 
 
 def compile_rules(settings: Settings) -> list[rules.RuleSet]:
@@ -687,6 +849,91 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     )
 
 
+def check_files(settings: Settings, name: str = "settings") -> None:
+    """What only the file system can tell about the paths; ConfigError, one line per problem.
+
+    `check`, `run` and `scan` call it after loading, so `check` refuses what `run` would. It is
+    not part of every load: `status` or a reload must not fail while, say, the key file is being
+    replaced. What cannot be told from here (a file this user may not read but the service user
+    can) is left to the moment of use.
+    """
+    problems: list[tuple[str, str]] = []
+    nucleus, upload = settings.nucleus, settings.upload
+    if nucleus.api_key_file:
+        problems += _key_file_problems(Path(nucleus.api_key_file))
+    if nucleus.ca_bundle:
+        problems += _ca_bundle_problems(Path(nucleus.ca_bundle))
+    problems += _place_problems("state.path", settings.state.path, want_folder=False)
+    if upload.archive_dir:
+        problems += _place_problems(
+            "upload.archive_dir", Path(upload.archive_dir), want_folder=True
+        )
+    for index, watch in enumerate(settings.watch):
+        if _kind_of(watch.path) == "other":
+            problems.append((f"watch[{index}].path", f"{watch.path} is not a folder"))
+    if problems:
+        raise ConfigError([f"{name}: at '{key}': {message}" for key, message in problems])
+
+
+def _kind_of(path: Path) -> Literal["folder", "other", "missing", "unknown"]:
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError:
+        return "unknown"
+    return "folder" if stat.S_ISDIR(mode) else "other"
+
+
+def _key_file_problems(key_file: Path) -> list[tuple[str, str]]:
+    key = "nucleus.api_key_file"
+    try:
+        mode = key_file.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return [(key, f"{key_file}: no such file")]
+    except OSError:
+        return []  # e.g. a folder this user may not enter; the service user may
+    if not stat.S_ISREG(mode):
+        return [(key, f"{key_file} is not a regular file")]
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return [(key, _open_key_file_message(key_file, mode))]
+    return []
+
+
+def _ca_bundle_problems(ca_file: Path) -> list[tuple[str, str]]:
+    # The same tests the client makes when it is built, so check refuses what run would.
+    key = "nucleus.ca_bundle"
+    try:
+        content = ca_file.read_bytes()
+    except OSError as exc:
+        return [(key, f"cannot read {ca_file}: {exc.strerror or exc}")]
+    if b"-----BEGIN CERTIFICATE-----" not in content:
+        return [(key, f"{ca_file} holds no PEM certificate")]
+    try:
+        ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as exc:
+        return [(key, f"{ca_file} is not usable: {exc}")]
+    return []
+
+
+def _place_problems(key: str, path: Path, *, want_folder: bool) -> list[tuple[str, str]]:
+    """A folder (want_folder) or file the daemon creates if needed: can it be there?"""
+    kind = _kind_of(path)
+    if kind == "other" and want_folder:
+        return [(key, f"{path} is not a folder")]
+    if kind == "folder" and not want_folder:
+        return [(key, f"{path} is a folder; name a file in it, like {path / 'state.db'}")]
+    if kind != "missing":
+        return []
+    for parent in path.parents:
+        parent_kind = _kind_of(parent)
+        if parent_kind == "other":
+            return [(key, f"cannot be created: {parent} is not a folder")]
+        if parent_kind != "missing":
+            break
+    return []
+
+
 def resolve_api_key(nucleus: NucleusSettings, environ: Mapping[str, str] | None = None) -> str:
     """api_key_file, else NUCLEUS_API_KEY, else the systemd credential. Never echoes the key."""
     environ = os.environ if environ is None else environ
@@ -713,10 +960,7 @@ def _read_key_file(key_file: Path, *, check_mode: bool) -> str:
         with key_file.open("rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode
             if check_mode and mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigError(
-                    f"API key file {key_file} is open to other users "
-                    f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {key_file}"
-                )
+                raise ConfigError(f"API key file {_open_key_file_message(key_file, mode)}")
             content = handle.read()
     except OSError as exc:
         raise ConfigError(f"API key file {key_file}: cannot read: {exc.strerror or exc}") from None
@@ -728,6 +972,13 @@ def _read_key_file(key_file: Path, *, check_mode: bool) -> str:
         raise ConfigError(f"API key file {key_file} is empty")
     _check_key_text(key, f"API key file {key_file}")
     return key
+
+
+def _open_key_file_message(key_file: Path, mode: int) -> str:
+    return (
+        f"{key_file} is open to other users (mode {stat.S_IMODE(mode):04o}); "
+        f"run: chmod 600 {key_file}"
+    )
 
 
 def _check_key_text(key: str, source: str) -> None:

@@ -196,8 +196,8 @@ class Daemon:
 
         self._metrics.set_queue_depth_source(store.state_counts)
         self._metrics.set_oldest_pending_source(oldest_pending_age)
-        if self._settings.metrics.listen:
-            self._metrics.start_http_server(self._settings.metrics.listen)
+        if self._settings.metrics.listen_address is not None:
+            self._metrics.start_http_server(*self._settings.metrics.listen_address)
             log.info("metrics_listening", listen=self._settings.metrics.listen)
 
     def _loop(self) -> None:

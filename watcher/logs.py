@@ -28,22 +28,25 @@ import re
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TextIO
+from typing import Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from watcher.errors import ConfigError
 from watcher.pathtext import path_text
 
 REDACTED = "[redacted]"
 
-LOG_FORMATS = ("auto", "json", "console")
-_LEVELS_BY_NAME = {
+# The config validates `log.format` and `log.level` against these types once; configure_logging
+# then only looks the level up.
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+# Other spellings the config accepts for a level, and the level each one means.
+LOG_LEVEL_ALIASES: Mapping[str, LogLevel] = {"warn": "warning"}
+_LEVEL_NUMBERS: Mapping[LogLevel, int] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
-    "warn": logging.WARNING,
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
@@ -170,8 +173,8 @@ class _WatcherLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def configure_logging(
     *,
-    format: str = "auto",
-    level: str = "info",
+    format: LogFormat = "auto",
+    level: LogLevel = "info",
     stream: TextIO | None = None,
     secrets: Sequence[str] = (),
 ) -> None:
@@ -182,11 +185,7 @@ def configure_logging(
     a reload that forgets to pass the key again must not start printing it, and an old key can
     still show up in a retry that began before the reload. `reset_logging` forgets them.
     """
-    level_number = _parse_level(level)
-    if format not in LOG_FORMATS:
-        raise ConfigError(
-            f"log.format: unknown format {format!r} (expected one of: {', '.join(LOG_FORMATS)})"
-        )
+    level_number = _LEVEL_NUMBERS[level]
     target = sys.stderr if stream is None else stream
     is_tty = _is_tty(target)
     use_console = format == "console" or (format == "auto" and is_tty)
@@ -270,14 +269,6 @@ def _remove_our_handlers(root: logging.Logger) -> None:
     for old in [h for h in root.handlers if isinstance(h, _WatcherLogHandler)]:
         root.removeHandler(old)
         # Not close(): the stream belongs to the caller (usually sys.stderr).
-
-
-def _parse_level(level: str) -> int:
-    number = _LEVELS_BY_NAME.get(level.strip().lower())
-    if number is None:
-        expected = ", ".join(name for name in _LEVELS_BY_NAME if name != "warn")
-        raise ConfigError(f"log.level: unknown level {level!r} (expected one of: {expected})")
-    return number
 
 
 def _is_tty(stream: TextIO) -> bool:

@@ -15,7 +15,6 @@ already knows the answer and keeping a copy in step would be one more thing to g
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
@@ -46,8 +45,6 @@ PREFIX = "nucleus_watcher_"
 REQUEST_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 # A reconcile walks a folder tree: instant for an empty one, up to an hour for millions of files.
 SCAN_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-
-_LISTEN_PATTERN = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
 
 
 class _ScrapeTimeGauge(Collector):
@@ -219,18 +216,19 @@ class Metrics:
 
         self._oldest_pending_age.set_sample_source(samples)
 
-    def start_http_server(self, listen: str) -> None:
-        """Serve /metrics on `listen` ("127.0.0.1:9464", "[::1]:9464"; port 0 picks a free one).
+    def start_http_server(self, host: str, port: int) -> None:
+        """Serve /metrics on `host`, `port` (as `MetricsSettings.listen_address` gives them; port
+        0 picks a free one).
 
-        The bound port is then in `.port`. Raises ConfigError if the address is malformed or
-        cannot be bound (in use, not local).
+        The bound port is then in `.port`. Raises ConfigError if the address cannot be bound
+        (in use, not local).
         """
         if self._server is not None:
             raise RuntimeError("metrics HTTP server already started")
-        host, port = _parse_listen(listen)
         try:
             server, thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as error:
+            listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise ConfigError(f"metrics.listen: cannot listen on {listen!r}: {error}") from error
         thread.name = "metrics-http"
         self._server = server
@@ -249,20 +247,6 @@ class Metrics:
         server.server_close()
         if thread is not None:
             thread.join()
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    """("host", port) from "host:port" or "[v6]:port"; an empty host means every interface."""
-    match = _LISTEN_PATTERN.fullmatch(listen.strip())
-    if match is None:
-        raise ConfigError(
-            f"metrics.listen: {listen!r} is not HOST:PORT (e.g. 127.0.0.1:9464 or [::1]:9464)"
-        )
-    port = int(match["port"])
-    if port > 65535:
-        raise ConfigError(f"metrics.listen: port {port} is out of range 0-65535")
-    host = match["ipv6"] if match["ipv6"] is not None else (match["host"] or "0.0.0.0")
-    return host, port
 
 
 class UploadMetrics(UploadEvents):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import certifi
 import requests
@@ -52,6 +52,7 @@ from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from watcher import __version__
 from watcher.bandwidth import TokenBucket
+from watcher.config import parse_endpoint
 from watcher.errors import (
     ConfigError,
     PermanentUploadError,
@@ -883,20 +884,12 @@ class NucleusClient:
 
 
 def _checked_endpoint(endpoint: str) -> tuple[str, str]:
-    """Validate the endpoint; return (base URL without trailing slash, host label for messages)."""
+    """(base URL, host label for messages), by the same rule the config applies."""
     try:
-        parts = urlsplit(endpoint.strip())
-        parts.port  # noqa: B018 (parsing the port is what validates it)
-    except ValueError:
-        raise ConfigError("nucleus.endpoint: not a valid URL") from None
-    if parts.username is not None or parts.password is not None:
-        # Do not echo it: the credentials in it are secret.
-        raise ConfigError("nucleus.endpoint: must not contain credentials; use the API key")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"nucleus.endpoint: {endpoint!r} is not an http(s) URL")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"nucleus.endpoint: {endpoint!r} must not have a query or fragment")
-    return endpoint.strip().rstrip("/"), parts.netloc
+        parsed = parse_endpoint(endpoint)
+    except ValueError as exc:
+        raise ConfigError(f"nucleus.endpoint: {exc}") from None
+    return parsed.url, parsed.host
 
 
 def _combined_ca_bundle(extra_ca_path: str) -> str:

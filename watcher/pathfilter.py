@@ -1,12 +1,19 @@
-"""Which paths under a watch root are candidates: include globs on the name, exclude on any part.
+"""Which paths under a watch root are candidates: include and exclude globs.
 
-Include globs look at the file name only (`*.jpg`), so a rule does not have to know how deep a
-camera nests its folders. Exclude globs look at every segment of the relative path, so `.*`
-hides dot files *and* everything below a dot folder, and temp names (`*.part`, rsync's
-`.name.XXXXXX`) are never picked up however deep they are. Both compare case-insensitively:
-cameras write `IMG_0001.JPG` as often as `img_0001.jpg`.
+A glob without '/' looks at names. An include glob looks at the file name (`*.jpg`), so a rule
+does not have to know how deep a camera nests its folders. An exclude glob looks at every segment
+of the relative path, so `.*` hides dot files *and* everything below a dot folder, and temp names
+(`*.part`, rsync's `.name.XXXXXX`) are never picked up however deep they are.
 
-The defaults live in the configuration; this class applies what it is given.
+A glob with '/' looks at the path relative to the watch root (a leading '/' changes nothing):
+`*`, `?` and `[abc]` stay within one folder name, and a `**` segment spans any number of folders.
+An include path glob must match the whole relative path (`raw/*.jpg`: the files directly in
+raw/). An exclude path glob drops a file when it matches the file's path or any folder above it
+(`raw/tmp` drops everything below raw/tmp, and a walk does not descend into it).
+
+Everything compares case-insensitively: cameras write `IMG_0001.JPG` as often as `img_0001.jpg`.
+The defaults live in the configuration, which refuses a glob this module cannot use
+(`glob_problem`) with the same words the constructor would raise.
 """
 
 from __future__ import annotations
@@ -14,6 +21,64 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
+
+_ANY_FOLDERS = "**"
+
+
+def glob_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot be used as an include or exclude glob, or None when it can."""
+    if not pattern:
+        return "is empty"
+    if "/" not in pattern:
+        return None
+    if pattern.endswith("/"):
+        return (
+            f"{pattern!r} ends with '/'; globs match files: write 'raw/**' for everything below "
+            f"raw/, or a name like 'raw' for any folder so named"
+        )
+    segments = pattern.removeprefix("/").split("/")
+    if "" in segments:
+        return f"{pattern!r} has an empty folder name ('//')"
+    if "." in segments or ".." in segments:
+        return f"{pattern!r} uses '.' or '..'; paths are matched below the watch folder as they are"
+    return None
+
+
+def min_depth(pattern: str) -> int:
+    """The fewest path segments a relative path matched by `pattern` has (name globs: 1)."""
+    if "/" not in pattern:
+        return 1
+    return sum(1 for segment in pattern.removeprefix("/").split("/") if segment != _ANY_FOLDERS)
+
+
+class _PathGlob:
+    """A glob with '/': one case-insensitive regex per segment; None stands for `**`."""
+
+    def __init__(self, pattern: str) -> None:
+        self._parts = tuple(
+            None
+            if segment == _ANY_FOLDERS
+            else re.compile(fnmatch.translate(segment), re.IGNORECASE)
+            for segment in pattern.removeprefix("/").split("/")
+        )
+
+    def matched_prefixes(self, segments: Sequence[str]) -> set[int]:
+        """Every n for which the glob matches segments[:n] as a whole."""
+        # One pass over the glob's parts, keeping the set of reachable positions in the path:
+        # linear in both, however many `**` the glob has.
+        positions = {0}
+        for part in self._parts:
+            if part is None:
+                positions = set(range(min(positions), len(segments) + 1))
+            else:
+                positions = {
+                    at + 1
+                    for at in positions
+                    if at < len(segments) and part.match(segments[at]) is not None
+                }
+            if not positions:
+                break
+        return positions
 
 
 class PathFilter:
@@ -30,27 +95,38 @@ class PathFilter:
         self.exclude: tuple[str, ...] = tuple(exclude)
         for kind, patterns in (("include", self.include), ("exclude", self.exclude)):
             for pattern in patterns:
-                _refuse_bad_glob(kind, pattern)
-        self._include_re = _compile_any(self.include)
-        self._exclude_re = _compile_any(self.exclude)
+                problem = glob_problem(pattern)
+                if problem is not None:
+                    # Refused when the filter is built, so a typo fails at start, not silently.
+                    raise ValueError(f"{kind} glob {problem}")
+        self._include_names = _compile_any(_name_globs(self.include))
+        self._exclude_names = _compile_any(_name_globs(self.exclude))
+        self._include_paths = _path_globs(self.include)
+        self._exclude_paths = _path_globs(self.exclude)
 
     def accepts(self, relpath: str) -> bool:
         """True when the file at `relpath` (relative to the watch root) should be watched."""
         segments = _segments(relpath)
-        if not segments:
+        if not segments or self._is_excluded(segments):
             return False
-        if any(self._is_excluded(segment) for segment in segments):
-            return False
-        if self._include_re is None:
+        if not self.include:
             return True
-        return self._include_re.match(segments[-1]) is not None
+        if self._include_names is not None and self._include_names.match(segments[-1]):
+            return True
+        return any(len(segments) in glob.matched_prefixes(segments) for glob in self._include_paths)
 
     def accepts_dir(self, rel_dir: str) -> bool:
         """True when a walk should descend into `rel_dir` ("" or "." is the root itself)."""
-        return not any(self._is_excluded(segment) for segment in _segments(rel_dir))
+        return not self._is_excluded(_segments(rel_dir))
 
-    def _is_excluded(self, segment: str) -> bool:
-        return self._exclude_re is not None and self._exclude_re.match(segment) is not None
+    def _is_excluded(self, segments: list[str]) -> bool:
+        names = self._exclude_names
+        if names is not None and any(names.match(segment) for segment in segments):
+            return True
+        # The path itself or any folder above it (a prefix of at least one segment).
+        return any(
+            max(glob.matched_prefixes(segments), default=0) > 0 for glob in self._exclude_paths
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PathFilter):
@@ -64,13 +140,12 @@ class PathFilter:
         return f"PathFilter(include={list(self.include)!r}, exclude={list(self.exclude)!r})"
 
 
-def _refuse_bad_glob(kind: str, pattern: str) -> None:
-    # Refused when the filter is built, so a typo in the config fails at start, not silently.
-    if not pattern:
-        raise ValueError(f"{kind} glob is empty")
-    if "/" in pattern:
-        where = "the file name" if kind == "include" else "each path segment"
-        raise ValueError(f"{kind} glob {pattern!r} contains '/' but is matched against {where}")
+def _name_globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(pattern for pattern in patterns if "/" not in pattern)
+
+
+def _path_globs(patterns: tuple[str, ...]) -> tuple[_PathGlob, ...]:
+    return tuple(_PathGlob(pattern) for pattern in patterns if "/" in pattern)
 
 
 def _compile_any(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
