@@ -340,6 +340,7 @@ ROWS: tuple[Row, ...] = (
     Row("watch[0].reference_id", '""', REFUSED),
     Row("watch[0].reference_id", '"{nope}"', REFUSED),
     Row("watch[0].reference_id", '"{parent}"', REFUSED),
+    Row("watch[0].reference_id", '"' + "x" * 1025 + '{relpath}"', REFUSED),
     Row("watch[0].metadata", '{ camera = "ü 1", n = 3, ok = true, x = 1.5 }', Scans()),
     Row("watch[0].metadata", '{ "" = 1 }', Refused('watch[0].metadata.""')),
     Row("watch[0].metadata", "{ a = [1] }", Refused("watch[0].metadata.a")),

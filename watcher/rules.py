@@ -495,6 +495,14 @@ class _WatchCompiler:
 def _compile_watch(watch: WatchSettings) -> tuple[_CompiledWatch | None, list[tuple[str, str]]]:
     compiler = _WatchCompiler(watch)
     reference_id = compiler.plain_text_template("reference_id", watch.reference_id)
+    if reference_id is not None and len(reference_id.literal_text) > MAX_REFERENCE_ID_CHARS:
+        compiler.problems.append(
+            (
+                "reference_id",
+                f"its fixed text alone is {len(reference_id.literal_text)} characters; a "
+                f"reference_id is at most {MAX_REFERENCE_ID_CHARS}",
+            )
+        )
     if reference_id is not None and not reference_id.literal_text:
         if not reference_id.variables:
             compiler.problems.append(

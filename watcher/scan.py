@@ -131,7 +131,9 @@ class _UnsettledFiles:
             self.outcomes.append(outcome)
 
 
-def run_scan(settings: Settings, api_key: str, out: TextIO = sys.stdout) -> int:
+def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int:
+    # Looked up per call, not bound at import: a caller (or a test) may have replaced it.
+    out = sys.stdout if out is None else out
     plans = pipeline.watch_plans(settings)
     store = pipeline.open_store(settings)
     client = pipeline.nucleus_client(settings, api_key)
