@@ -121,6 +121,8 @@ def test_sync_append_stores_identical_bytes_and_exact_metadata(
         assert devserver.image_bytes(item.image_sha256) == path.read_bytes()
         assert item.content_type == "image/jpeg"
         assert item.image_url == f"{i}-{path.name}"
+        # The client says which bytes it streamed: exactly what the server stored.
+        assert result.streamed_sha256[f"dev/{path.name}"] == item.image_sha256
 
 
 def test_resend_with_update_counts_as_updated_and_replaces_metadata(

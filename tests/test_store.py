@@ -346,3 +346,19 @@ def test_upgrade_from_schema_2_knows_what_was_sent(tmp_path: Path) -> None:
     # other bytes; d: unanswered sends of these bytes; e: never sent.
     assert updates == {"a.jpg": True, "b.jpg": False, "c.jpg": True, "d.jpg": False, "e.jpg": False}
     store.close()
+
+
+def test_bytes_rewritten_while_streaming_count_as_sent_and_the_file_goes_again(
+    store: StateStore,
+) -> None:
+    # Claimed as c1; the file was rewritten (and back) while it streamed: cX went out.
+    store.record_candidate(candidate())
+    [item] = store.claim_batch(10)
+    store.note_streamed_bytes(item.id, "cX")
+    assert store.mark_confirmed([item.id]) == 1  # back to the queue, not uploaded
+    [again] = store.claim_batch(10)
+    assert again.content_sha256 == "c1" and again.update_flag is True
+    store.mark_confirmed([again.id])
+    record = store.get("/srv/cam", "Sunny/a.jpg")
+    assert record is not None and record.state == UPLOADED
+    assert record.confirmed_content_sha256 == "c1"

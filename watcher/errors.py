@@ -41,6 +41,9 @@ class UploadError(WatcherError):
     def __init__(self, reason: str, *, status_code: int | None = None) -> None:
         self.reason = reason
         self.status_code = status_code
+        # reference_id -> sha256 of the file bytes that went out, when the whole body was sent
+        # before the failure (the server may have stored them; see NucleusClient.append).
+        self.streamed_sha256: dict[str, str] = {}
         super().__init__(reason)
 
 

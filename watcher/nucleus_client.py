@@ -20,6 +20,7 @@ counts only in whole chunks, so a server that drips one byte a second is still a
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import heapq
 import http.client
 import http.cookiejar
@@ -35,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -58,6 +59,7 @@ from watcher.errors import (
     PermanentUploadError,
     RetryableUploadError,
     UnauthorizedError,
+    UploadError,
 )
 from watcher.localfile import NotARegularFile, open_regular_file
 
@@ -143,6 +145,9 @@ class AppendResult:
     item_errors: dict[str, str]  # reference_id -> error, where the server named the item
     bytes_sent: int  # request body bytes (multipart or JSON)
     upload_errors: int = 0  # the server's own count of items it could not ingest
+    # reference_id -> sha256 of the file bytes actually streamed (local files). A file
+    # rewritten while it was read differs from the hash recorded when it was claimed.
+    streamed_sha256: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -595,13 +600,20 @@ class NucleusClient:
                 raise ValueError(
                     f"at most {MAX_FILES_PER_REQUEST} files per request, got {len(local)}"
                 )
-            answer, bytes_sent = self._post_local(route, items)
+            answer, bytes_sent, streamed = self._post_local(route, items)
         else:
             answer, bytes_sent = self._post_remote(route, items)
-        data = self._json_object(answer)
-        if asynchronous:
-            return self._async_result(data, bytes_sent)
-        return self._sync_result(data, reference_ids, bytes_sent)
+            streamed = {}
+        try:
+            data = self._json_object(answer)
+            if asynchronous:
+                result = self._async_result(data, bytes_sent)
+            else:
+                result = self._sync_result(data, reference_ids, bytes_sent)
+        except UploadError as exc:
+            exc.streamed_sha256 = streamed
+            raise
+        return replace(result, streamed_sha256=streamed)
 
     def job(self, job_id: str) -> JobState:
         """The current status of an asynchronous job."""
@@ -648,15 +660,20 @@ class NucleusClient:
 
     # -- request bodies --------------------------------------------------------------------
 
-    def _post_local(self, route: str, items: Sequence[UploadItem]) -> tuple[_Answer, int]:
+    def _post_local(
+        self, route: str, items: Sequence[UploadItem]
+    ) -> tuple[_Answer, int, dict[str, str]]:
+        """The multipart request; also the sha256 of each file's bytes as they went out."""
         deadline = _RequestDeadline(self._timeout_seconds)
         with ExitStack() as open_files:
             fields: list[tuple[str, tuple[str | None, Any, str]]] = []
             payload: list[dict[str, Any]] = []
+            hashed: dict[str, _HashingFile] = {}
             for index, item in enumerate(items):
                 assert item.path is not None  # append() sent only local items here
                 content_type = _image_content_type(item.path)
-                handle = open_files.enter_context(_open_image(item.path))
+                handle = _HashingFile(open_files.enter_context(_open_image(item.path)))
+                hashed[item.reference_id] = handle
                 filename = _multipart_filename(index, item.path)
                 payload.append(
                     {
@@ -671,14 +688,25 @@ class NucleusClient:
             fields.insert(0, ("items", (None, items_json, "application/json")))
             encoder = MultipartEncoder(fields=fields)
             body = _MeteredBody(encoder, deadline, self._bandwidth)
-            answer = self._request(
-                "POST",
-                route,
-                deadline=deadline,
-                data=body,
-                headers={"Content-Type": encoder.content_type},
-            )
-            return answer, body.bytes_read
+
+            def streamed() -> dict[str, str]:
+                # Only a body sent whole can have been stored.
+                if body.bytes_read < len(body):
+                    return {}
+                return {ref: handle.hexdigest() for ref, handle in hashed.items()}
+
+            try:
+                answer = self._request(
+                    "POST",
+                    route,
+                    deadline=deadline,
+                    data=body,
+                    headers={"Content-Type": encoder.content_type},
+                )
+            except UploadError as exc:
+                exc.streamed_sha256 = streamed()
+                raise
+            return answer, body.bytes_read, streamed()
 
     def _post_remote(self, route: str, items: Sequence[UploadItem]) -> tuple[_Answer, int]:
         update_flags = {item.update for item in items}
@@ -934,6 +962,30 @@ def _image_content_type(path: Path) -> str:
     if content_type is None:
         raise LocalFileError(path, f"unsupported image type {path.suffix or '(no extension)'!r}")
     return content_type
+
+
+class _HashingFile:
+    """A file part as the multipart encoder reads it, hashed on the way out: the hash of
+    exactly the bytes sent, even if the file is rewritten while it streams."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self._digest.update(data)
+        return data
+
+    # The encoder sizes the part with fstat and tell, as it would the file itself.
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def _open_image(path: Path) -> IO[bytes]:

@@ -894,6 +894,30 @@ class StateStore:
         return [_record(row) for row in rows]
 
     @_waits_for_disk_space
+    def note_streamed_bytes(self, id_: int, content_sha256: str) -> None:
+        """The bytes that went out for this row were not the ones it was claimed with (the file
+        was rewritten while it streamed). The server may hold them: they count as sent (so the
+        next send is an update) and, once confirmed, as what the server holds; the file's
+        current version goes again."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE files SET sent_content_sha256 = ?,"
+                " requeue = CASE WHEN content_sha256 IS ? THEN requeue ELSE 1 END"
+                " WHERE id = ? AND state = ?",
+                (content_sha256, content_sha256, id_, IN_FLIGHT),
+            )
+            db.execute(
+                "INSERT INTO sent_references"
+                " (dataset_id, reference_id, content_sha256, metadata_sha256)"
+                " SELECT sent_dataset_id, sent_reference_id, ?, sent_metadata_sha256 FROM files"
+                " WHERE id = ? AND sent_reference_id IS NOT NULL"
+                " ON CONFLICT (dataset_id, reference_id) DO UPDATE SET varied = varied"
+                " OR excluded.content_sha256 IS NOT content_sha256"
+                " OR excluded.metadata_sha256 IS NOT metadata_sha256",
+                (content_sha256, id_),
+            )
+
+    @_waits_for_disk_space
     def mark_job_submitted(self, ids: Sequence[int], job_id: str) -> None:
         """The server took the request as a job; a restart follows the job instead of re-sending."""
         with self._transaction() as db:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -366,6 +366,7 @@ class Uploader:
             self._pause(batch, exc)
         except RetryableUploadError as exc:
             self._events.request_done(time.monotonic() - started, 0, False)
+            self._note_streamed(batch, exc.streamed_sha256)
             self._back_off(batch, exc)
         except PermanentUploadError as exc:
             self._events.request_done(time.monotonic() - started, 0, False)
@@ -385,7 +386,21 @@ class Uploader:
                 self._consecutive_failures = 0
             self._record_answer(batch, result)
 
+    def _note_streamed(self, batch: Sequence[FileRecord], streamed: Mapping[str, str]) -> None:
+        """A file rewritten while it streamed sent other bytes than it was claimed with."""
+        for record in batch:
+            digest = streamed.get(record.reference_id)
+            if digest is not None and digest != record.content_sha256:
+                log.warning(
+                    "file_changed_while_sent",
+                    path=record.shown_path,
+                    reference_id=record.reference_id,
+                    dataset_id=record.dataset_id,
+                )
+                self._store.note_streamed_bytes(record.id, digest)
+
     def _record_answer(self, batch: list[FileRecord], result: AppendResult) -> None:
+        self._note_streamed(batch, result.streamed_sha256)
         if result.job_id is not None:
             self._store.mark_job_submitted([r.id for r in batch], result.job_id)
             log.info(
