@@ -47,7 +47,7 @@ FIRST_DATASET = "ds_oracle_0"
 REQUEST_TIMEOUT_SECONDS = 2  # what a stalled request costs
 STOP_TIMEOUT_SECONDS = 3
 JOB_DELAY_SECONDS = 0.3  # asynchronous jobs stay Running this long: restarts meet live jobs
-QUIESCE_TIMEOUT_SECONDS = 30.0
+QUIESCE_TIMEOUT_SECONDS = 20.0
 QUIESCE_POLL_SECONDS = 0.25
 DAEMON_DEATH_TIMEOUT_SECONDS = 10.0
 

@@ -57,7 +57,14 @@ OPERATIONS = frozenset(
         "rule_change_sighup",
         "dataset_change",
         "asynchronous_toggle",
-        "fault",  # the next N append requests: lost answer after store, 5xx, 429, reset, stall
+        # The next 1-3 append requests get a fault: the answer lost after the server stored
+        # the items, a 500/503, a 429 with Retry-After, a connection reset, a stall past the
+        # request deadline.
+        "fault_lost",
+        "fault_5xx",
+        "fault_429",
+        "fault_reset",
+        "fault_stall",
         "wait_for_faults",
         "lost_answer_then_change",
         "kill9_restart",
@@ -70,7 +77,13 @@ OPERATIONS = frozenset(
 # while it is being fixed (say which, and why, next to the line that removes it).
 ENABLED_OPERATIONS: frozenset[str] = OPERATIONS
 
-FAULT_KINDS = ("lost", "500", "503", "429", "reset", "stall")
+FAULT_KINDS = {
+    "fault_lost": ("lost",),
+    "fault_5xx": ("500", "503"),
+    "fault_429": ("429",),
+    "fault_reset": ("reset",),
+    "fault_stall": ("stall",),
+}
 CHANGE_KINDS = ("overwrite_in_place", "overwrite_by_rename", "revert", "move", "delete")
 
 SEED_ENV = "ORACLE_SEED"
@@ -132,7 +145,11 @@ WEIGHTS: dict[str, int] = {
     "rule_change_sighup": 1,
     "dataset_change": 1,
     "asynchronous_toggle": 1,
-    "fault": 2,
+    "fault_lost": 1,
+    "fault_5xx": 1,
+    "fault_429": 1,
+    "fault_reset": 1,
+    "fault_stall": 1,
     "wait_for_faults": 1,
     "lost_answer_then_change": 2,
     "kill9_restart": 1,
@@ -331,11 +348,26 @@ class OracleMachine(RuleBasedStateMachine):
 
     # -- network and process faults
 
-    def fault(self, data: st.DataObject) -> None:
-        kind = data.draw(st.sampled_from(FAULT_KINDS), label="kind")
+    def _fault(self, operation: str, data: st.DataObject) -> None:
+        kind = data.draw(st.sampled_from(FAULT_KINDS[operation]), label="kind")
         count = data.draw(st.integers(1, 3), label="count")
         self.world.arm_faults(kind, count)
-        self._did("fault", f"next {count} append(s): {kind}")
+        self._did(operation, f"next {count} append(s): {kind}")
+
+    def fault_lost(self, data: st.DataObject) -> None:
+        self._fault("fault_lost", data)
+
+    def fault_5xx(self, data: st.DataObject) -> None:
+        self._fault("fault_5xx", data)
+
+    def fault_429(self, data: st.DataObject) -> None:
+        self._fault("fault_429", data)
+
+    def fault_reset(self, data: st.DataObject) -> None:
+        self._fault("fault_reset", data)
+
+    def fault_stall(self, data: st.DataObject) -> None:
+        self._fault("fault_stall", data)
 
     def wait_for_faults(self, data: st.DataObject) -> None:
         used = self.world.wait_faults_used()
