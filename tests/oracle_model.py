@@ -47,6 +47,8 @@ FIRST_DATASET = "ds_oracle_0"
 REQUEST_TIMEOUT_SECONDS = 2  # what a stalled request costs
 STOP_TIMEOUT_SECONDS = 3
 JOB_DELAY_SECONDS = 0.3  # asynchronous jobs stay Running this long: restarts meet live jobs
+# Quiescence normally takes well under 5 s; every stall still armed costs a request deadline
+# plus a back-off on top of this.
 QUIESCE_TIMEOUT_SECONDS = 20.0
 QUIESCE_POLL_SECONDS = 0.25
 DAEMON_DEATH_TIMEOUT_SECONDS = 10.0
@@ -182,6 +184,7 @@ class World:
         self.config = self.write_config()
         self.faults_armed = 0
         self.faults_awaited = 0
+        self.stalls_armed = 0
         self._last_mtime_ns = 0
         self.deleted_versions: dict[int, DeletedVersion] = {}
         self.checked_deletions: set[int] = set()
@@ -287,9 +290,15 @@ class World:
     def arm_faults(self, kind: str, count: int) -> None:
         self.devserver.inject_faults(*([kind] * count), retry_after_seconds=0.2)
         self.faults_armed += count
+        if kind == "stall":
+            self.stalls_armed += count
 
-    def faults_used(self) -> int:
-        return sum(1 for r in self.devserver.requests() if is_append(r.method, r.path) and r.fault)
+    def faults_used(self, kind: str | None = None) -> int:
+        return sum(
+            1
+            for r in self.devserver.requests()
+            if is_append(r.method, r.path) and r.fault and kind in (None, r.fault)
+        )
 
     def wait_faults_used(self, timeout_seconds: float = 10.0) -> bool:
         """Until every armed fault has hit a request (or the deadline: nothing to send)."""
@@ -444,7 +453,9 @@ class World:
                 return False
             return not self.dataset_problems(self.disk_files())
 
-        reached = wait_until(quiet, QUIESCE_TIMEOUT_SECONDS, QUIESCE_POLL_SECONDS)
+        stalls_left = max(0, self.stalls_armed - self.faults_used("stall"))
+        timeout_seconds = QUIESCE_TIMEOUT_SECONDS + stalls_left * (REQUEST_TIMEOUT_SECONDS + 1)
+        reached = wait_until(quiet, timeout_seconds, QUIESCE_POLL_SECONDS)
         return reached, time.monotonic() - started
 
     def check_oracle(self) -> list[str]:
