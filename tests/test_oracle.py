@@ -30,6 +30,8 @@ import time
 import pytest
 from hypothesis import HealthCheck, Phase, Verbosity, seed, settings
 from hypothesis import strategies as st
+from hypothesis.control import current_build_context
+from hypothesis.errors import StopTest
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from tests.oracle_model import (
@@ -95,6 +97,7 @@ def _seed_from_env() -> int:
 
 
 ORACLE_SEED = _seed_from_env()
+SHRINK = os.environ.get("ORACLE_SHRINK", "").strip() == "1"
 
 
 def _operations() -> frozenset[str]:
@@ -104,12 +107,22 @@ def _operations() -> frozenset[str]:
     wanted = frozenset(name.strip() for name in text.split(",") if name.strip())
     unknown = wanted - OPERATIONS
     if unknown:
-        raise pytest.UsageError(f"ORACLE_OPERATIONS: unknown operation(s) {sorted(unknown)}")
+        pytest.fail(f"ORACLE_OPERATIONS: unknown operation(s) {sorted(unknown)}", pytrace=False)
     return wanted & ENABLED_OPERATIONS
 
 
-def reproduce_command(seed_value: int) -> str:
-    return f"{SEED_ENV}={seed_value} .venv/bin/python -m pytest -q -s tests/test_oracle.py"
+# These shape what is drawn, so a reproduction must repeat them.
+_SHAPING_ENV = ("ORACLE_OPERATIONS", "ORACLE_EXAMPLES", "ORACLE_STEPS")
+
+
+def reproduce_command(seed_value: int, test_name: str = "") -> str:
+    shaping = "".join(
+        f"{name}={os.environ[name].strip()} "
+        for name in _SHAPING_ENV
+        if os.environ.get(name, "").strip()
+    )
+    target = f"tests/test_oracle.py::{test_name}" if test_name else "tests/test_oracle.py"
+    return f"{SEED_ENV}={seed_value} {shaping}.venv/bin/python -m pytest -q -s {target}"
 
 
 class RunStats:
@@ -171,6 +184,7 @@ class OracleMachine(RuleBasedStateMachine):
     """
 
     after_upload = "keep"
+    test_name = ""
     stats = RunStats()
 
     def __init__(self) -> None:
@@ -180,7 +194,11 @@ class OracleMachine(RuleBasedStateMachine):
         self.steps: list[str] = []
         self.current: str | None = None
         self.world = World(self.model)
-        self.world.start_daemon()
+        try:
+            self.world.start_daemon()
+        except BaseException:
+            self.world.close(keep_files=True)
+            raise
         self.stats.examples += 1
 
     @rule(data=st.data())
@@ -444,7 +462,13 @@ class OracleMachine(RuleBasedStateMachine):
             )
 
     def teardown(self) -> None:
-        failed = sys.exc_info()[0] is not None
+        # Hypothesis runs teardown in a `finally`: an exception on its way out is the step
+        # that failed (or Hypothesis ending an over-long example, which is no failure).
+        pending = sys.exc_info()[1]
+        failed = pending is not None and not isinstance(pending, StopTest)
+        if pending is not None and not failed:
+            self.world.close(keep_files=False)
+            return
         try:
             if not failed:
                 self._quiesce_and_check()
@@ -452,9 +476,11 @@ class OracleMachine(RuleBasedStateMachine):
             failed = True
             raise
         finally:
-            if failed:
+            # While shrinking, only the final (reported) run speaks and keeps its folder.
+            report = failed and (current_build_context().is_final or not SHRINK)
+            if report:
                 print(self._failure_report(), flush=True)
-            self.world.close(keep_files=failed)
+            self.world.close(keep_files=report)
 
     def _failure_report(self) -> str:
         steps = "\n".join(f"  {number:2}. {step}" for number, step in enumerate(self.steps, 1))
@@ -462,8 +488,9 @@ class OracleMachine(RuleBasedStateMachine):
             steps += f"\n  {len(self.steps) + 1:2}. {self.current} (failed here)"
         return (
             f"\n[oracle] FAILED with seed {ORACLE_SEED} (after_upload={self.after_upload});"
-            f" files kept in {self.world.root}\n[oracle] steps of the failing example:\n{steps}\n"
-            f"[oracle] reproduce: {reproduce_command(ORACLE_SEED)}"
+            f" files kept in {self.world.root}\n"
+            f"[oracle] steps of the failing example:\n{steps}\n"
+            f"[oracle] reproduce: {reproduce_command(ORACLE_SEED, self.test_name)}"
         )
 
 
@@ -477,14 +504,13 @@ def _run(after_upload: str, max_examples: int, step_count: int) -> None:
     machine = type(
         f"OracleMachine_{after_upload}",
         (OracleMachine,),
-        {"after_upload": after_upload, "stats": stats},
+        {"after_upload": after_upload, "stats": stats, "test_name": f"test_oracle_{after_upload}"},
     )
     seeded = seed(ORACLE_SEED)(machine)
-    shrink = os.environ.get("ORACLE_SHRINK", "") == "1"
-    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
+    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if SHRINK else [])
     print(
         f"\n[oracle {after_upload}] seed={ORACLE_SEED}; reproduce: "
-        f"{reproduce_command(ORACLE_SEED)}",
+        f"{reproduce_command(ORACLE_SEED, f'test_oracle_{after_upload}')}",
         flush=True,
     )
     started = time.monotonic()
