@@ -452,7 +452,8 @@ class OracleMachine(RuleBasedStateMachine):
         self.stats.checks += 1
         problems = self.world.check_oracle()
         if problems:
-            where = "quiet" if reached else f"NOT quiet after {seconds:.0f} s"
+            counts = {k: v for k, v in self.world.store_counts().items() if v}
+            where = "quiet" if reached else f"NOT quiet after {seconds:.0f} s; store {counts}"
             raise OracleFailure(
                 f"oracle violated ({where}; dataset {self.model.dataset_id},"
                 f" after_upload={self.model.after_upload},"
