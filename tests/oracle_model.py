@@ -181,7 +181,11 @@ class World:
         ).start()
         self.pool = DaemonPool()
         self.daemon: DaemonProcess | None = None
-        self.config = self.write_config()
+        try:
+            self.config = self.write_config()
+        except BaseException:
+            self.close(keep_files=False)
+            raise
         self.faults_armed = 0
         self.faults_awaited = 0
         self.stalls_armed = 0
