@@ -32,7 +32,12 @@ from hypothesis import HealthCheck, Phase, Verbosity, seed, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 from hypothesis.errors import StopTest
-from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    rule,
+    run_state_machine_as_test,
+)
 
 from tests.oracle_model import (
     FOLDERS,
@@ -194,12 +199,16 @@ class OracleMachine(RuleBasedStateMachine):
         self.steps: list[str] = []
         self.current: str | None = None
         self.world = World(self.model)
-        try:
-            self.world.start_daemon()
-        except BaseException:
-            self.world.close(keep_files=True)
-            raise
         self.stats.examples += 1
+
+    @initialize(asynchronous=st.booleans())
+    def start(self, asynchronous: bool) -> None:
+        """The daemon starts in either upload mode, so the asynchronous one is covered even
+        while `asynchronous_toggle` is switched off."""
+        self.model.asynchronous = asynchronous
+        self.world.write_config()
+        self.world.start_daemon()
+        self._did("start", f"asynchronous={asynchronous}")
 
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
@@ -467,7 +476,7 @@ class OracleMachine(RuleBasedStateMachine):
         # that failed (or Hypothesis ending an over-long example, which is no failure).
         pending = sys.exc_info()[1]
         failed = pending is not None and not isinstance(pending, StopTest)
-        if pending is not None and not failed:
+        if (pending is not None and not failed) or self.world.daemon is None:
             self.world.close(keep_files=False)
             return
         try:
