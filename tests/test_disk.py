@@ -52,6 +52,11 @@ def write_file(root: Path, relpath: str, data: bytes, *, mtime_s: int | None = N
     return path
 
 
+def _sha256_of(path: Path) -> str:
+    with path.open("rb") as f:  # streamed: some of these files are 1 GiB
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def record(store: StateStore, root: Path, relpath: str, *, remote_url: str | None = None) -> None:
     """Record the file as it is on disk now (pending), as the reconcile would."""
     st = (root / relpath).stat()
@@ -63,7 +68,7 @@ def record(store: StateStore, root: Path, relpath: str, *, remote_url: str | Non
             reference_id=f"cam/{relpath}",
             size_bytes=st.st_size,
             mtime_ns=st.st_mtime_ns,
-            content_sha256=hashlib.sha256((root / relpath).read_bytes()).hexdigest(),
+            content_sha256=_sha256_of(root / relpath),
             metadata={"camera": "back"},
             metadata_sha256="m1",
             remote_url=remote_url,

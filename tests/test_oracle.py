@@ -548,10 +548,10 @@ def _run(after_upload: str, max_examples: int, step_count: int) -> None:
 @pytest.mark.timeout(600)
 def test_oracle_keep() -> None:
     """after_upload = "keep": every file stays; the dataset must mirror the folder."""
-    _run("keep", max_examples=8, step_count=40)
+    _run("keep", max_examples=6, step_count=40)
 
 
 @pytest.mark.timeout(600)
 def test_oracle_delete() -> None:
     """after_upload = "delete": a file may only vanish once the dataset holds its bytes."""
-    _run("delete", max_examples=5, step_count=40)
+    _run("delete", max_examples=4, step_count=40)
