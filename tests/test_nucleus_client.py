@@ -31,6 +31,7 @@ from watcher.errors import (
     ConfigError,
     PermanentUploadError,
     RetryableUploadError,
+    TimeoutUploadError,
     UnauthorizedError,
 )
 from watcher.nucleus_client import (
@@ -445,7 +446,7 @@ def test_a_server_that_never_finishes_answering_hits_the_deadline(
     devserver.inject_faults(kind)
 
     started = time.monotonic()
-    with pytest.raises(RetryableUploadError, match="timed out after 2 s"):
+    with pytest.raises(TimeoutUploadError, match="timed out after 2 s"):
         client.append(DATASET, [_local("a", path)], asynchronous=False)
     waited_seconds = time.monotonic() - started
 
@@ -521,7 +522,7 @@ def test_a_server_that_stops_reading_the_body_is_abandoned_after_the_timeout(
     client = make_client(deaf_server, timeout_seconds=2)
 
     started = time.monotonic()
-    with pytest.raises(RetryableUploadError, match="timed out after 2 s"):
+    with pytest.raises(TimeoutUploadError, match="timed out after 2 s"):
         client.append(DATASET, [_local("big", path)], asynchronous=False)
     waited_seconds = time.monotonic() - started
 

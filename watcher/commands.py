@@ -10,10 +10,9 @@ from pathlib import Path
 
 from watcher import pipeline
 from watcher.config import Settings
-from watcher.errors import StoreBusyError, UploadError, WatcherError
+from watcher.errors import PathRuleError, StoreBusyError, UploadError, WatcherError
 from watcher.pathtext import path_text
 from watcher.reconcile import WatchPlan, file_sha256, plans_for
-from watcher.rules import PathRuleError
 from watcher.store import StateStore
 
 

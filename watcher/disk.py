@@ -17,7 +17,8 @@ from pathlib import Path
 
 import structlog
 
-from watcher.localfile import NotARegularFile, open_regular_file
+from watcher.errors import NotARegularFile
+from watcher.localfile import open_regular_file
 from watcher.pathtext import path_from_text
 from watcher.store import UPLOADED, FileRecord, StateStore
 from watcher.uploader import UploadEvents

@@ -5,14 +5,26 @@
     ├── StoreError               the state database cannot be used
     │   └── StoreBusyError           another nucleus-watcher process owns it
     └── UploadError              a request to Nucleus did not confirm the items
-        ├── RetryableUploadError     try again later (network, timeout, 408, 429, 5xx)
+        ├── RetryableUploadError     try again later (network, 408, 429, 5xx)
+        │   └── TimeoutUploadError       no progress for timeout_seconds
         ├── PermanentUploadError     this request will never succeed as is (400, 404, 413, bad file)
+        │   └── LocalFileError           one local file of the request cannot be opened
         └── UnauthorizedError        401: the key is wrong; every upload pauses until it changes
 
-Anything else that escapes is a bug, not a user mistake.
+    ValueError
+    ├── PathRuleError            this path cannot become an item (the file is parked with it)
+    └── TemplateError            a template or glob in the config cannot be parsed
+
+    OSError
+    └── NotARegularFile          a symlink, FIFO, device or folder where a file was expected
+
+The last three keep the built-in bases their callers catch them by. Anything else that escapes
+is a bug, not a user mistake.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class WatcherError(Exception):
@@ -61,9 +73,34 @@ class RetryableUploadError(UploadError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class TimeoutUploadError(RetryableUploadError):
+    """The request made no progress for `timeout_seconds` (nothing sent, acknowledged or
+    answered), or the connection could not be made in time."""
+
+
 class PermanentUploadError(UploadError):
     """The request will not succeed as it is; the items are parked with the reason."""
 
 
+class LocalFileError(PermanentUploadError):
+    """A local file of the request could not be opened: only that item should be parked."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
 class UnauthorizedError(UploadError):
     """The server refused the API key (401)."""
+
+
+class PathRuleError(ValueError):
+    """This path cannot be turned into an item; the caller parks the file with this reason."""
+
+
+class TemplateError(ValueError):
+    """A template or glob cannot be parsed."""
+
+
+class NotARegularFile(OSError):
+    """The path is a symlink, FIFO, device or folder: we only read regular files."""

@@ -13,11 +13,9 @@ import os
 import stat
 from pathlib import Path
 
+from watcher.errors import NotARegularFile
+
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-class NotARegularFile(OSError):
-    """The path is a symlink, FIFO, device or folder: we only read regular files."""
 
 
 def open_regular_file(path: Path) -> io.BufferedReader:

@@ -56,12 +56,15 @@ from watcher.bandwidth import TokenBucket
 from watcher.config import parse_endpoint
 from watcher.errors import (
     ConfigError,
+    LocalFileError,
+    NotARegularFile,
     PermanentUploadError,
     RetryableUploadError,
+    TimeoutUploadError,
     UnauthorizedError,
     UploadError,
 )
-from watcher.localfile import NotARegularFile, open_regular_file
+from watcher.localfile import open_regular_file
 
 # http.client writes a file body in 8 KiB blocks (urllib3: 16 KiB); a syscall per 8 KiB caps a
 # single upload well below what a LAN or a fast uplink can carry.
@@ -171,14 +174,6 @@ class JobState:
     def user_error(self) -> bool:
         """The items themselves were refused: park them. Other failed states are retried."""
         return self.status in _JOB_USER_ERROR_STATES
-
-
-class LocalFileError(PermanentUploadError):
-    """A local file of the request could not be opened: only that item should be parked."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
 
 
 # -- idle deadline -------------------------------------------------------------------------
@@ -793,16 +788,16 @@ class NucleusClient:
         except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
             if deadline.expired:
                 raise self._timed_out() from exc
-            raise RetryableUploadError(
-                f"network error talking to {self._host_label}: {_network_reason(exc)}"
-            ) from exc
+            reason, timed_out = _network_failure(exc)
+            error = TimeoutUploadError if timed_out else RetryableUploadError
+            raise error(f"network error talking to {self._host_label}: {reason}") from exc
         finally:
             _current.deadline = None
             self._reaper.forget(deadline)
         return answer
 
-    def _timed_out(self) -> RetryableUploadError:
-        return RetryableUploadError(f"timed out after {self._timeout_seconds:g} s without progress")
+    def _timed_out(self) -> TimeoutUploadError:
+        return TimeoutUploadError(f"timed out after {self._timeout_seconds:g} s without progress")
 
     def _raise_for_status(self, answer: _Answer) -> None:
         status = answer.status_code
@@ -1080,8 +1075,9 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _network_reason(exc: BaseException) -> str:
-    """A short reason from the chain of a network exception, without URLs or headers."""
+def _network_failure(exc: BaseException) -> tuple[str, bool]:
+    """A short reason from the chain of a network exception, without URLs or headers, and
+    whether a timeout is what failed."""
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
     os_reason: str | None = None
@@ -1092,9 +1088,9 @@ def _network_reason(exc: BaseException) -> str:
             continue
         seen.add(id(current))
         if isinstance(current, ssl.SSLCertVerificationError):
-            return f"TLS certificate not trusted ({current.verify_message})"
+            return f"TLS certificate not trusted ({current.verify_message})", False
         if isinstance(current, http.client.RemoteDisconnected):
-            return "the server closed the connection without answering"
+            return "the server closed the connection without answering", False
         if isinstance(current, TimeoutError | requests.Timeout):
             timed_out = True
         if isinstance(current, OSError) and current.strerror:
@@ -1103,12 +1099,12 @@ def _network_reason(exc: BaseException) -> str:
         linked.extend(arg for arg in current.args if isinstance(arg, BaseException))
         pending.extend(e for e in linked if isinstance(e, BaseException))
     if os_reason:
-        return os_reason
+        return os_reason, timed_out
     if timed_out:
-        return "timed out"
+        return "timed out", True
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return "the answer was cut off"
-    return type(exc).__name__
+        return "the answer was cut off", False
+    return type(exc).__name__, False
 
 
 class _ErrorAttributor:

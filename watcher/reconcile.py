@@ -18,11 +18,12 @@ from pathlib import Path
 
 import structlog
 
+from watcher.errors import PathRuleError
 from watcher.imagecheck import check_open_image_complete, sniff_image_type
 from watcher.localfile import open_regular_file
 from watcher.pathfilter import PathFilter
 from watcher.pathtext import path_from_text, path_text
-from watcher.rules import PathRuleError, RuleSet
+from watcher.rules import RuleSet
 from watcher.store import (
     FAILED,
     GONE,

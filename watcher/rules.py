@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from watcher.errors import ConfigError
+from watcher.errors import ConfigError, PathRuleError, TemplateError
 
 if TYPE_CHECKING:
     from watcher.config import WatchSettings
@@ -30,10 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_VARIABLES",
     "Classification",
-    "PathRuleError",
     "RuleSet",
     "Template",
-    "TemplateError",
     "check_type_consistency",
     "dotted_key",
     "join_key",
@@ -67,14 +65,6 @@ _BOOL_WORDS = {
 _TYPE_NAMES: dict[str, type] = {"int": int, "float": float, "bool": bool}
 
 MetadataValue = str | int | float | bool
-
-
-class PathRuleError(ValueError):
-    """This path cannot be turned into an item; the caller parks the file with this reason."""
-
-
-class TemplateError(ValueError):
-    """A template or glob cannot be parsed."""
 
 
 def dotted_key(parts: Iterable[str | int]) -> str:

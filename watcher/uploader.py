@@ -22,13 +22,15 @@ from dataclasses import dataclass
 import structlog
 
 from watcher.errors import (
+    LocalFileError,
     PermanentUploadError,
     RetryableUploadError,
+    TimeoutUploadError,
     UnauthorizedError,
     UploadError,
 )
 from watcher.link_rate import LinkRate
-from watcher.nucleus_client import AppendResult, LocalFileError, NucleusClient, UploadItem
+from watcher.nucleus_client import AppendResult, NucleusClient, UploadItem
 from watcher.store import FileRecord, StateStore
 
 log = structlog.get_logger("watcher.uploader")
@@ -81,7 +83,7 @@ def retry_kind(exc: RetryableUploadError) -> str:
     """A short label for why a request is retried (metrics, logs): few values, never a path."""
     code = exc.status_code
     if code is None:
-        return "timeout" if "timed out" in exc.reason else "connection"
+        return "timeout" if isinstance(exc, TimeoutUploadError) else "connection"
     if code == 429:
         return "http_429"
     if code >= 500:
