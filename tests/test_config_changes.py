@@ -153,3 +153,22 @@ def test_a_second_watch_of_a_folder_does_not_resend_the_first_ones_files(
     assert explained.returncode == 0, explained.stdout + explained.stderr
     assert "dataset_id:   ds_a" in explained.stdout and "dataset_id:   ds_b" in explained.stdout
     assert explained.stdout.count("state:        uploaded") == 2
+
+
+def test_a_file_still_settling_during_scan_goes_to_every_watch_of_its_folder(
+    tmp_path: Path, devserver: DevServer
+) -> None:
+    root = tmp_path / "cam"
+    path = root / "Sunny" / "ahead.jpg"
+    write_jpeg(path, seed=4)
+    ahead = time.time() + 3600  # a camera clock ahead: the walk hands it to the settler
+    os.utime(path, (ahead, ahead))
+    watches = [
+        {"path": str(root), "dataset_id": "ds_a", "rules": [WEATHER_RULE]},
+        {"path": str(root), "dataset_id": "ds_b"},
+    ]
+    config = _config(tmp_path, devserver.base_url, watches)
+    result = run_watcher("scan", "-c", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_holds(devserver, "ds_a", {"Sunny/ahead.jpg": path})
+    _assert_holds(devserver, "ds_b", {"Sunny/ahead.jpg": path})

@@ -18,7 +18,7 @@ from watcher import pipeline
 from watcher.config import Settings
 from watcher.pathtext import path_text
 from watcher.reconcile import Reconciler, WatchPlan
-from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord, StateStore
+from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
 from watcher.uploader import UploadEvents
 
 log = structlog.get_logger("watcher.scan")
@@ -82,11 +82,11 @@ class ScanProgress(UploadEvents):
 class _UnsettledFiles:
     """The files the walk found still changing, handed to the same Settler the daemon uses."""
 
-    def __init__(self, settings: Settings, store: StateStore, progress: ScanProgress) -> None:
-        self._store = store
+    def __init__(self, settings: Settings, progress: ScanProgress) -> None:
         self._progress = progress
         self._lock = threading.Lock()
-        self._plans: dict[Path, WatchPlan] = {}
+        # Every watch that found the path still changing (one folder may feed two datasets).
+        self._plans: dict[Path, list[WatchPlan]] = {}
         self.outcomes: list[str] = []
         self.reconciler: Reconciler | None = None
         self._settler = pipeline.settler(
@@ -101,7 +101,9 @@ class _UnsettledFiles:
 
     def submit(self, plan: WatchPlan, path: Path) -> None:
         with self._lock:
-            self._plans[path] = plan
+            plans = self._plans.setdefault(path, [])
+            if plan not in plans:
+                plans.append(plan)
         self._settler.submit(path)
 
     def wait(self, timeout_seconds: float) -> list[Path]:
@@ -113,22 +115,24 @@ class _UnsettledFiles:
         return self._settler.pending_paths()
 
     def _ready(self, path: Path, _stat: os.stat_result) -> None:
-        with self._lock:
-            plan = self._plans[path]
         assert self.reconciler is not None
-        outcome = self.reconciler.consider(plan, path, settled=True)
-        with self._lock:
-            self.outcomes.append(outcome)
-        if outcome in ("new", "changed"):
-            self._progress.total += 1
+        for plan in self._plans_of(path):
+            outcome = self.reconciler.consider(plan, path, settled=True)
+            with self._lock:
+                self.outcomes.append(outcome)
+                if outcome in ("new", "changed"):
+                    self._progress.total += 1
 
     def _incomplete(self, path: Path, reason: str) -> None:
-        with self._lock:
-            plan = self._plans[path]
         assert self.reconciler is not None
-        outcome = self.reconciler.record_incomplete(plan, path, reason)
+        for plan in self._plans_of(path):
+            outcome = self.reconciler.record_incomplete(plan, path, reason)
+            with self._lock:
+                self.outcomes.append(outcome)
+
+    def _plans_of(self, path: Path) -> list[WatchPlan]:
         with self._lock:
-            self.outcomes.append(outcome)
+            return list(self._plans.get(path, ()))
 
 
 def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int:
@@ -143,7 +147,7 @@ def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int
         store.reset_pending_attempts()
         progress = ScanProgress(store.state_counts()[PENDING], sys.stderr)
         uploader = pipeline.uploader(settings, store, client, progress)
-        unsettled = _UnsettledFiles(settings, store, progress)
+        unsettled = _UnsettledFiles(settings, progress)
         # Uploads start while the walk goes on: the walk records files in chunks and wakes
         # the workers once per chunk, so batches stay full and the two overlap.
         reconciler = pipeline.reconciler(
