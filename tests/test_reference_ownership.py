@@ -24,12 +24,17 @@ def _settled(*paths: Path) -> None:
         os.utime(path, (old, old))
 
 
-def _config(tmp_path: Path, devserver: DevServer, root: Path, **watch: Any) -> Path:
+def _config(
+    tmp_path: Path,
+    devserver: DevServer,
+    root: Path,
+    *,
+    upload: dict[str, Any] | None = None,
+    **watch: Any,
+) -> Path:
     spec: dict[str, Any] = {"path": str(root), "dataset_id": DATASET, "rules": [WEATHER_RULE]}
     spec.update(watch)
-    upload = watch.pop("upload", {})
-    spec.pop("upload", None)
-    return write_config(tmp_path, endpoint=devserver.base_url, watches=[spec], upload=upload)
+    return write_config(tmp_path, endpoint=devserver.base_url, watches=[spec], upload=upload or {})
 
 
 def sha256_of_bytes(data: bytes) -> str:
