@@ -11,8 +11,7 @@ import certifi
 import pydantic
 import pytest
 
-from watcher import pipeline
-from watcher.config import (
+from watcher.config.models import (
     NucleusSettings,
     Settings,
     check_files,
@@ -24,8 +23,9 @@ from watcher.config import (
     resolve_api_key,
 )
 from watcher.errors import ConfigError
-from watcher.logs import LogFormat, LogLevel
-from watcher.nucleus_client import NucleusClient
+from watcher.nucleus.client import NucleusClient
+from watcher.pipeline import wiring as pipeline
+from watcher.service.logs import LogFormat, LogLevel
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
 MINIMAL_WATCH = '[[watch]]\npath = "/srv/camera"\ndataset_id = "ds_a"\n'

@@ -27,18 +27,19 @@ from pydantic import BaseModel
 from tests.configfactory import API_KEY
 from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import write_jpeg
-from watcher import cli, pipeline
-from watcher.config import (
+from watcher import cli
+from watcher.commands.scan import run_scan
+from watcher.config.models import (
     _MODEL_BY_CONTAINER,
     Settings,
     load_settings,
     resolve_api_key,
 )
 from watcher.devserver import DevServer
-from watcher.disk import FreeSpaceGuard
-from watcher.logs import reset_logging
-from watcher.metrics import Metrics
-from watcher.scan import run_scan
+from watcher.pipeline import wiring as pipeline
+from watcher.pipeline.disk import FreeSpaceGuard
+from watcher.service.logs import reset_logging
+from watcher.service.metrics import Metrics
 
 DATASET = "ds_edge"
 # What the watch folder holds; every file is 30 days old, so no settle window holds it back.

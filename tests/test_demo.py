@@ -20,8 +20,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from tests.configfactory import watcher_env
-from watcher.demo import WEATHERS, load_samples
-from watcher.imagecheck import check_image_complete
+from watcher.commands.demo import WEATHERS, load_samples
+from watcher.files.imagecheck import check_image_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,7 +120,7 @@ def test_demo_uploads_every_sample_and_cleans_up() -> None:
         [
             sys.executable,
             "-c",
-            "from watcher.demo import run_demo; import sys;"
+            "from watcher.commands.demo import run_demo; import sys;"
             " sys.exit(run_demo(keep=False, seconds=3))",
         ],
         capture_output=True,

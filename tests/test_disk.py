@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import structlog
 
-from watcher.disk import AfterUpload, FanOutEvents, FreeSpaceGuard
-from watcher.store import (
+from watcher.pipeline.disk import AfterUpload, FanOutEvents, FreeSpaceGuard
+from watcher.pipeline.uploader import UploadEvents
+from watcher.store.state_store import (
     FAILED,
     GONE,
     IN_FLIGHT,
@@ -24,7 +25,6 @@ from watcher.store import (
     FileRecord,
     StateStore,
 )
-from watcher.uploader import UploadEvents
 
 MiB = 1024 * 1024
 

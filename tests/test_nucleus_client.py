@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 from tests.imagefactory import jpeg_bytes, sha256_of, write_jpeg, write_large_jpeg, write_png
-from watcher.bandwidth import TokenBucket
 from watcher.devserver import DevServer
 from watcher.errors import (
     ConfigError,
@@ -34,7 +33,8 @@ from watcher.errors import (
     TimeoutUploadError,
     UnauthorizedError,
 )
-from watcher.nucleus_client import (
+from watcher.nucleus.bandwidth import TokenBucket
+from watcher.nucleus.client import (
     AppendResult,
     JobState,
     LocalFileError,
@@ -293,7 +293,7 @@ def test_streaming_a_200_mb_file_keeps_memory_flat(devserver: DevServer, tmp_pat
     script = """
 import sys
 from pathlib import Path
-from watcher.nucleus_client import NucleusClient, UploadItem
+from watcher.nucleus.client import NucleusClient, UploadItem
 
 def peak_kib():
     for line in open("/proc/self/status"):

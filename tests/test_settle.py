@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.imagefactory import jpeg_bytes
-from watcher.settle import CLOSE_GRACE_SECONDS, Settler
+from watcher.pipeline.settle import CLOSE_GRACE_SECONDS, Settler
 
 WAIT_SECONDS = 10.0  # upper bound for anything we wait for; never reached when things work
 
@@ -387,7 +387,7 @@ def test_a_bug_in_one_files_check_is_reported_on_that_file_and_others_settle(
 ) -> None:
     # The image check is replaced by one that fails for one file: it stands for any bug that
     # nobody foresaw (a format the checker mishandles, a name it cannot take).
-    import watcher.settle as settle_module
+    import watcher.pipeline.settle as settle_module
 
     real_check = settle_module.check_image_complete
 

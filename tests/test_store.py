@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from watcher.errors import StoreError
-from watcher.store import FAILED, GONE, IN_FLIGHT, PENDING, UPLOADED, Candidate, StateStore
+from watcher.store.state_store import (
+    FAILED,
+    GONE,
+    IN_FLIGHT,
+    PENDING,
+    UPLOADED,
+    Candidate,
+    StateStore,
+)
 
 
 @pytest.fixture
@@ -193,7 +201,7 @@ def test_read_only_open_sees_rows_and_refuses_writes(store: StateStore, tmp_path
 def test_a_second_writer_process_is_refused_with_the_owner_pid(tmp_path: Path) -> None:
     first = StateStore.open(tmp_path / "state.db")
     probe = (
-        "import sys; from pathlib import Path; from watcher.store import StateStore;"
+        "import sys; from pathlib import Path; from watcher.store.state_store import StateStore;"
         "from watcher.errors import StoreBusyError\n"
         "try:\n StateStore.open(Path(sys.argv[1]))\n"
         "except StoreBusyError as exc:\n print(exc); sys.exit(3)\n"
@@ -318,7 +326,7 @@ def test_file_back_while_in_flight_is_not_gone(store: StateStore) -> None:
 
 
 def test_upgrade_from_schema_2_knows_what_was_sent(tmp_path: Path) -> None:
-    from watcher.store import _MIGRATIONS
+    from watcher.store.state_store import _MIGRATIONS
 
     path = tmp_path / "state.db"
     db = sqlite3.connect(path, isolation_level=None)

@@ -13,9 +13,9 @@ import pytest
 from tests.configfactory import API_KEY, run_watcher, write_config
 from tests.daemonprocess import running_daemon, wait_until
 from tests.imagefactory import jpeg_bytes
-from watcher import pipeline
-from watcher.config import settings_from_mapping
+from watcher.config.models import settings_from_mapping
 from watcher.devserver import DevServer
+from watcher.pipeline import wiring as pipeline
 
 DATASET = "ds_names"
 WEATHER_RULE = {"match": "{weather}/**", "metadata": {"weather": "{weather}", "file": "{name}"}}
@@ -112,7 +112,7 @@ def test_a_bug_on_one_file_is_recorded_on_it_and_the_walk_goes_on(
 ) -> None:
     # Opening is replaced by one that fails for one file: it stands for any bug nobody
     # foresaw. The walk must record that file with the reason and go on with the rest.
-    import watcher.reconcile as reconcile_module
+    import watcher.pipeline.reconcile as reconcile_module
 
     real_open = reconcile_module.open_regular_file
 

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from watcher.bandwidth import TokenBucket
 from watcher.devserver.catalog import StoredItem, _Catalog
 from watcher.devserver.faults import _FaultPlan
 from watcher.devserver.handler import _HttpServer, _ServerContext
@@ -22,6 +21,7 @@ from watcher.devserver.jobs import _JobBook
 from watcher.devserver.request_log import RequestRecord, _RequestLog
 from watcher.devserver.routes import API_PREFIX
 from watcher.errors import ConfigError
+from watcher.nucleus.bandwidth import TokenBucket
 
 DEFAULT_MAX_BODY_BYTES: Final = (1 << 30) + (16 << 20)  # 1 GiB of images + room for the form
 _JOIN_TIMEOUT_SECONDS: Final = 5.0

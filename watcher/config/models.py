@@ -42,8 +42,10 @@ from pydantic import (
     model_validator,
 )
 
-from watcher import logs, pathfilter, rules
 from watcher.errors import ConfigError
+from watcher.files import pathfilter
+from watcher.rules import ruleset as rules
+from watcher.service import logs
 
 __all__ = [
     "DiskSettings",

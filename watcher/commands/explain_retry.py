@@ -8,12 +8,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from watcher import pipeline
-from watcher.config import Settings
+from watcher.config.models import Settings
 from watcher.errors import PathRuleError, StoreBusyError, UploadError, WatcherError
-from watcher.pathtext import path_text
-from watcher.reconcile import WatchPlan, file_sha256, plans_for
-from watcher.store import StateStore
+from watcher.files.pathtext import path_text
+from watcher.pipeline import wiring as pipeline
+from watcher.pipeline.reconcile import WatchPlan, file_sha256, plans_for
+from watcher.store.state_store import StateStore
 
 
 def check(settings: Settings, api_key: str | None) -> int:

@@ -18,10 +18,10 @@ from pathlib import Path
 import structlog
 
 from watcher.errors import NotARegularFile
-from watcher.localfile import open_regular_file
-from watcher.pathtext import path_from_text
-from watcher.store import UPLOADED, FileRecord, StateStore
-from watcher.uploader import UploadEvents
+from watcher.files.localfile import open_regular_file
+from watcher.files.pathtext import path_from_text
+from watcher.pipeline.uploader import UploadEvents
+from watcher.store.state_store import UPLOADED, FileRecord, StateStore
 
 log = structlog.get_logger("watcher.disk")
 

@@ -20,20 +20,20 @@ from types import FrameType
 
 import structlog
 
-from watcher import pipeline
-from watcher.commands import retry_request_path
-from watcher.config import Settings, load_settings, resolve_api_key
-from watcher.disk import AfterUpload, FanOutEvents, FreeSpaceGuard
+from watcher.commands.explain_retry import retry_request_path
+from watcher.config.models import Settings, load_settings, resolve_api_key
 from watcher.errors import ConfigError
-from watcher.intake import Intake, WatchSpec
-from watcher.logs import add_secret
-from watcher.metrics import Metrics, UploadMetrics
-from watcher.nucleus_client import NucleusClient
-from watcher.reconcile import Reconciler, WatchPlan, plans_for
-from watcher.sdnotify import SystemdNotifier
-from watcher.settle import Settler
-from watcher.store import INCOMPLETE, StateStore
-from watcher.uploader import Uploader
+from watcher.nucleus.client import NucleusClient
+from watcher.pipeline import wiring as pipeline
+from watcher.pipeline.disk import AfterUpload, FanOutEvents, FreeSpaceGuard
+from watcher.pipeline.intake import Intake, WatchSpec
+from watcher.pipeline.reconcile import Reconciler, WatchPlan, plans_for
+from watcher.pipeline.settle import Settler
+from watcher.pipeline.uploader import Uploader
+from watcher.service.logs import add_secret
+from watcher.service.metrics import Metrics, UploadMetrics
+from watcher.service.sdnotify import SystemdNotifier
+from watcher.store.state_store import INCOMPLETE, StateStore
 
 log = structlog.get_logger("watcher.daemon")
 

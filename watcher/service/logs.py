@@ -33,7 +33,7 @@ from typing import Literal, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from watcher.pathtext import path_text
+from watcher.files.pathtext import path_text
 
 REDACTED = "[redacted]"
 

@@ -14,12 +14,12 @@ from typing import TextIO
 
 import structlog
 
-from watcher import pipeline
-from watcher.config import Settings
-from watcher.pathtext import path_text
-from watcher.reconcile import Reconciler, WatchPlan
-from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
-from watcher.uploader import UploadEvents
+from watcher.config.models import Settings
+from watcher.files.pathtext import path_text
+from watcher.pipeline import wiring as pipeline
+from watcher.pipeline.reconcile import Reconciler, WatchPlan
+from watcher.pipeline.uploader import UploadEvents
+from watcher.store.state_store import FAILED, INCOMPLETE, PENDING, FileRecord
 
 log = structlog.get_logger("watcher.scan")
 

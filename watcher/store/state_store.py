@@ -32,7 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import structlog
 
 from watcher.errors import StoreBusyError, StoreError
-from watcher.pathtext import path_from_text
+from watcher.files.pathtext import path_from_text
 
 log = structlog.get_logger("watcher.store")
 
