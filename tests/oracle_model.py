@@ -35,7 +35,7 @@ from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import jpeg_bytes
 from tests.reliability import DaemonPool, RequestKiller, is_append
 from watcher.devserver import DevServer
-from watcher.store.state_store import IN_FLIGHT, PENDING, StateStore
+from watcher.store import IN_FLIGHT, PENDING, StateStore
 
 # The path space is small on purpose: names get reused, moved onto and renamed over often.
 FOLDERS = ("", "Sunny", "Foggy")  # "" is the watch root: no rule matches there

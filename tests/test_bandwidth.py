@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from watcher.nucleus.bandwidth import TokenBucket
+from watcher.nucleus import TokenBucket
 
 CHUNK_BYTES = 256 * 1024
 

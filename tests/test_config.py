@@ -11,7 +11,9 @@ import certifi
 import pydantic
 import pytest
 
-from watcher.config.models import (
+from watcher.config import (
+    LogFormat,
+    LogLevel,
     NucleusSettings,
     Settings,
     check_files,
@@ -23,9 +25,8 @@ from watcher.config.models import (
     resolve_api_key,
 )
 from watcher.errors import ConfigError
-from watcher.nucleus.client import NucleusClient
+from watcher.nucleus import NucleusClient
 from watcher.pipeline import wiring as pipeline
-from watcher.service.logs import LogFormat, LogLevel
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
 MINIMAL_WATCH = '[[watch]]\npath = "/srv/camera"\ndataset_id = "ds_a"\n'

@@ -28,7 +28,7 @@ from tests.configfactory import API_KEY
 from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import write_jpeg
 from watcher import cli
-from watcher.commands.scan import run_scan
+from watcher.commands import run_scan
 from watcher.config.models import (
     _MODEL_BY_CONTAINER,
     Settings,
@@ -36,10 +36,9 @@ from watcher.config.models import (
     resolve_api_key,
 )
 from watcher.devserver import DevServer
+from watcher.pipeline import FreeSpaceGuard
 from watcher.pipeline import wiring as pipeline
-from watcher.pipeline.disk import FreeSpaceGuard
-from watcher.service.logs import reset_logging
-from watcher.service.metrics import Metrics
+from watcher.service import Metrics, reset_logging
 
 DATASET = "ds_edge"
 # What the watch folder holds; every file is 30 days old, so no settle window holds it back.

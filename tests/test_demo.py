@@ -20,8 +20,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from tests.configfactory import watcher_env
-from watcher.commands.demo import WEATHERS, load_samples
-from watcher.files.imagecheck import check_image_complete
+from watcher.commands import WEATHERS, load_samples
+from watcher.files import check_image_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 

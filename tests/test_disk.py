@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import structlog
 
-from watcher.pipeline.disk import AfterUpload, FanOutEvents, FreeSpaceGuard
-from watcher.pipeline.uploader import UploadEvents
-from watcher.store.state_store import (
+from watcher.pipeline import AfterUpload, FanOutEvents, FreeSpaceGuard, UploadEvents
+from watcher.store import (
     FAILED,
     GONE,
     IN_FLIGHT,

@@ -15,7 +15,7 @@ from PIL import Image
 from tests.configfactory import API_KEY, run_watcher, write_config
 from tests.imagefactory import jpeg_bytes, png_bytes, write_large_jpeg
 from watcher.devserver import DevServer
-from watcher.files.imagecheck import SNIFF_BYTES, check_image_complete, sniff_image_type
+from watcher.files import SNIFF_BYTES, check_image_complete, sniff_image_type
 
 
 def _pillow_bytes(fmt: str, width: int = 64, height: int = 48, **params: object) -> bytes:

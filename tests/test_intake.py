@@ -16,8 +16,8 @@ import structlog.testing
 from watchdog.utils import BaseThread
 
 from tests.imagefactory import write_jpeg, write_png
-from watcher.files.pathfilter import PathFilter
-from watcher.pipeline.intake import Intake, WatchSpec
+from watcher.files import PathFilter
+from watcher.pipeline import Intake, WatchSpec
 
 WAIT_SECONDS = 10.0  # upper bound for anything we wait for; never reached when things work
 INOTIFY_SYSCTLS = Path("/proc/sys/fs/inotify")

@@ -16,13 +16,12 @@ import pytest
 from tests.configfactory import write_config
 from tests.daemonprocess import wait_until
 from tests.imagefactory import sha256_of, write_jpeg
-from watcher.config.models import Settings, load_settings
+from watcher.config import Settings, load_settings
 from watcher.devserver import DevServer, RequestRecord
-from watcher.nucleus.client import NucleusClient
+from watcher.nucleus import NucleusClient
+from watcher.pipeline import Reconciler, Uploader, WatchPlan
 from watcher.pipeline import wiring as pipeline
-from watcher.pipeline.reconcile import Reconciler, WatchPlan
-from watcher.pipeline.uploader import Uploader
-from watcher.store.state_store import UPLOADED
+from watcher.store import UPLOADED
 
 DATASET = "ds_rotate"
 OLD_KEY = "key_old_rotation_Jd81"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from watcher.pipeline.link_rate import START_RATE_BYTES_PER_SECOND, LinkRate, RequestShape
-from watcher.store.state_store import Candidate, StateStore
+from watcher.pipeline import START_RATE_BYTES_PER_SECOND, LinkRate, RequestShape
+from watcher.store import Candidate, StateStore
 
 MB = 1_000_000
 

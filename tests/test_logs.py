@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import structlog
 
-from watcher.service.logs import add_secret, configure_logging, reset_logging
+from watcher.service import add_secret, configure_logging, reset_logging
 
 # 21 characters: "<key>:" is 22 bytes, so its base64 form ends in "==" padding.
 API_KEY = "live_4f9c2a7e1b3d8c6a0"

@@ -11,7 +11,7 @@ import requests
 
 from watcher import __version__
 from watcher.errors import ConfigError
-from watcher.service.metrics import Metrics
+from watcher.service import Metrics
 
 
 @pytest.fixture

@@ -28,17 +28,17 @@ from tests.imagefactory import jpeg_bytes, sha256_of, write_jpeg, write_large_jp
 from watcher.devserver import DevServer
 from watcher.errors import (
     ConfigError,
+    LocalFileError,
     PermanentUploadError,
     RetryableUploadError,
     TimeoutUploadError,
     UnauthorizedError,
 )
-from watcher.nucleus.bandwidth import TokenBucket
-from watcher.nucleus.client import (
+from watcher.nucleus import (
     AppendResult,
     JobState,
-    LocalFileError,
     NucleusClient,
+    TokenBucket,
     UploadItem,
 )
 

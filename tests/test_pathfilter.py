@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.files.pathfilter import PathFilter
+from watcher.files import PathFilter
 
 DEFAULT_EXCLUDE = [".*", "*.tmp", "*.part", "*~"]
 

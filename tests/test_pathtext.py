@@ -7,7 +7,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from watcher.files.pathtext import path_from_text, path_text
+from watcher.files import path_from_text, path_text
 
 
 def test_examples_from_the_docs() -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from watcher.config.models import WatchSettings, load_settings
+from watcher.config import WatchSettings, load_settings
 from watcher.errors import ConfigError, PathRuleError
-from watcher.rules.ruleset import Classification, RuleSet, check_type_consistency
+from watcher.rules import Classification, RuleSet, check_type_consistency
 
 MTIME_NS = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z
 

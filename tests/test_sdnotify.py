@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from watcher.service.sdnotify import SystemdNotifier
+from watcher.service import SystemdNotifier
 
 
 class FakeServiceManager:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.imagefactory import jpeg_bytes
-from watcher.pipeline.settle import CLOSE_GRACE_SECONDS, Settler
+from watcher.pipeline import CLOSE_GRACE_SECONDS, Settler
 
 WAIT_SECONDS = 10.0  # upper bound for anything we wait for; never reached when things work
 

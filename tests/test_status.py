@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from watcher.commands.status import print_status
-from watcher.config.models import Settings, load_settings
+from watcher.commands import print_status
+from watcher.config import Settings, load_settings
 from watcher.errors import StoreError
-from watcher.store.state_store import Candidate, StateStore
+from watcher.store import Candidate, StateStore
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from watcher.errors import StoreError
-from watcher.store.state_store import (
+from watcher.store import (
     FAILED,
     GONE,
     IN_FLIGHT,

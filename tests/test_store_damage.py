@@ -20,7 +20,7 @@ from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import sha256_of, write_jpeg
 from watcher.devserver import DevServer
 from watcher.errors import StoreError
-from watcher.store.state_store import StateStore
+from watcher.store import StateStore
 
 DATASET = "ds_state"
 

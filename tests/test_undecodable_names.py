@@ -13,7 +13,7 @@ import pytest
 from tests.configfactory import API_KEY, run_watcher, write_config
 from tests.daemonprocess import running_daemon, wait_until
 from tests.imagefactory import jpeg_bytes
-from watcher.config.models import settings_from_mapping
+from watcher.config import settings_from_mapping
 from watcher.devserver import DevServer
 from watcher.pipeline import wiring as pipeline
 

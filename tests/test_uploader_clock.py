@@ -13,9 +13,9 @@ from tests.configfactory import API_KEY
 from tests.daemonprocess import wait_until
 from tests.imagefactory import write_jpeg
 from watcher.devserver import DevServer
-from watcher.nucleus.client import NucleusClient
-from watcher.pipeline.uploader import Uploader, UploadEvents, UploadPolicy
-from watcher.store.state_store import UPLOADED, Candidate, FileRecord, StateStore
+from watcher.nucleus import NucleusClient
+from watcher.pipeline import Uploader, UploadEvents, UploadPolicy
+from watcher.store import UPLOADED, Candidate, FileRecord, StateStore
 
 
 class SteppingWallClock(UploadEvents):

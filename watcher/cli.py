@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _link_rate(text: str) -> int | None:
-    from watcher.config.models import parse_bandwidth_limit
+    from watcher.config import parse_bandwidth_limit
 
     try:
         return parse_bandwidth_limit(text)
@@ -131,14 +131,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
 
     if args.command == "demo":
-        from watcher.commands.demo import run_demo
+        from watcher.commands import run_demo
 
         return run_demo(
             keep=args.keep, seconds=args.seconds, link_rate_bytes_per_second=args.link_rate
         )
 
-    from watcher.config.models import check_files, load_settings, resolve_api_key
-    from watcher.service.logs import configure_logging
+    from watcher.config import check_files, load_settings, resolve_api_key
+    from watcher.service import configure_logging
 
     settings = load_settings(args.config)
     if args.command in ("check", "run", "scan"):
@@ -151,27 +151,27 @@ def _dispatch(args: argparse.Namespace) -> int:
     configure_logging(format=settings.log.format, level=settings.log.level, secrets=secrets)
 
     if args.command == "scan":
-        from watcher.commands.scan import run_scan
+        from watcher.commands import run_scan
 
         return run_scan(settings, api_key)
     if args.command == "run":
-        from watcher.service.daemon import run_daemon
+        from watcher.service import run_daemon
 
         return run_daemon(args.config, settings, api_key)
     if args.command == "check":
-        from watcher.commands.explain_retry import check
+        from watcher.commands import check
 
         return check(settings, api_key if args.online else None)
     if args.command == "explain":
-        from watcher.commands.explain_retry import explain
+        from watcher.commands import explain
 
         return explain(settings, args.path)
     if args.command == "retry":
-        from watcher.commands.explain_retry import retry
+        from watcher.commands import retry
 
         return retry(settings, args.paths)
     if args.command == "status":
-        from watcher.commands.status import print_status
+        from watcher.commands import print_status
 
         return print_status(settings, as_json=args.json)
     raise AssertionError(args.command)

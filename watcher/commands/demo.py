@@ -41,7 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, BinaryIO, Final, TextIO
 
-from watcher.config.models import load_settings
+from watcher.config import load_settings
 from watcher.devserver import DevServer, RequestRecord, StoredItem
 from watcher.errors import ConfigError
 

@@ -8,12 +8,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from watcher.config.models import Settings
+from watcher.config import Settings
 from watcher.errors import PathRuleError, StoreBusyError, UploadError, WatcherError
-from watcher.files.pathtext import path_text
+from watcher.files import path_text
+from watcher.pipeline import WatchPlan, file_sha256, plans_for
 from watcher.pipeline import wiring as pipeline
-from watcher.pipeline.reconcile import WatchPlan, file_sha256, plans_for
-from watcher.store.state_store import StateStore
+from watcher.store import StateStore, retry_request_path
 
 
 def check(settings: Settings, api_key: str | None) -> int:
@@ -92,11 +92,6 @@ def _explain_one(settings: Settings, plan: WatchPlan, relpath: str, path: Path) 
                 "note:         rules changed since it was recorded; it will be re-sent as an update"
             )
     return 0
-
-
-def retry_request_path(state_path: Path) -> Path:
-    """Where `retry` leaves its request for a running daemon (which owns the database)."""
-    return state_path.with_name(state_path.name + ".retry")
 
 
 def retry(settings: Settings, paths: Sequence[Path]) -> int:

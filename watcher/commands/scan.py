@@ -14,12 +14,11 @@ from typing import TextIO
 
 import structlog
 
-from watcher.config.models import Settings
-from watcher.files.pathtext import path_text
+from watcher.config import Settings
+from watcher.files import path_text
+from watcher.pipeline import Reconciler, UploadEvents, WatchPlan
 from watcher.pipeline import wiring as pipeline
-from watcher.pipeline.reconcile import Reconciler, WatchPlan
-from watcher.pipeline.uploader import UploadEvents
-from watcher.store.state_store import FAILED, INCOMPLETE, PENDING, FileRecord
+from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
 
 log = structlog.get_logger("watcher.scan")
 

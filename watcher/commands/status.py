@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from watcher.config.models import Settings
-from watcher.store.state_store import IN_FLIGHT, PENDING, STATES, FileRecord, StateStore, watch_key
+from watcher.config import Settings
+from watcher.store import IN_FLIGHT, PENDING, STATES, FileRecord, StateStore, watch_key
 
 THROUGHPUT_WINDOWS_SECONDS = (60, 300, 900)
 MAX_ERRORS_SHOWN = 10

@@ -45,7 +45,6 @@ from pydantic import (
 from watcher.errors import ConfigError
 from watcher.files import pathfilter
 from watcher.rules import ruleset as rules
-from watcher.service import logs
 
 __all__ = [
     "DiskSettings",
@@ -337,9 +336,17 @@ class StateSettings(_Section):
         return value
 
 
+# The config validates `log.format` and `log.level` against these types once; the logging setup
+# then only looks the level up.
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+# Other spellings the config accepts for a level, and the level each one means.
+LOG_LEVEL_ALIASES: Mapping[str, LogLevel] = {"warn": "warning"}
+
+
 class LogSettings(_Section):
-    format: logs.LogFormat = "auto"
-    level: logs.LogLevel = "info"
+    format: LogFormat = "auto"
+    level: LogLevel = "info"
 
     @field_validator("format", "level", mode="before")
     @classmethod
@@ -348,7 +355,7 @@ class LogSettings(_Section):
         if not isinstance(value, str):
             return value
         name = value.strip().lower()
-        return logs.LOG_LEVEL_ALIASES.get(name, name)
+        return LOG_LEVEL_ALIASES.get(name, name)
 
 
 class MetricsSettings(_Section):

@@ -7,7 +7,7 @@ import time
 from typing import Final
 
 from watcher.devserver.request_failures import _ClientGone, _RequestRejected
-from watcher.nucleus.bandwidth import TokenBucket
+from watcher.nucleus import TokenBucket
 
 _READ_CHUNK_BYTES: Final = 1 << 20
 _LINK_READ_BYTES: Final = 8 * 1024

@@ -38,7 +38,7 @@ from watcher.devserver.multipart import _MAX_FIELD_BYTES, _MultipartReceiver, _R
 from watcher.devserver.request_failures import _ClientGone, _RequestRejected
 from watcher.devserver.request_log import RequestRecord, _RequestLog
 from watcher.devserver.routes import _Route
-from watcher.nucleus.bandwidth import TokenBucket
+from watcher.nucleus import TokenBucket
 
 _MAX_SMALL_BODY_BYTES: Final = 1 << 20  # bodies of GET/DELETE (the official client sends "{}")
 _RESET_READ_BYTES: Final = 64 << 10

@@ -21,7 +21,7 @@ from watcher.devserver.jobs import _JobBook
 from watcher.devserver.request_log import RequestRecord, _RequestLog
 from watcher.devserver.routes import API_PREFIX
 from watcher.errors import ConfigError
-from watcher.nucleus.bandwidth import TokenBucket
+from watcher.nucleus import TokenBucket
 
 DEFAULT_MAX_BODY_BYTES: Final = (1 << 30) + (16 << 20)  # 1 GiB of images + room for the form
 _JOIN_TIMEOUT_SECONDS: Final = 5.0

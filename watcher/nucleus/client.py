@@ -52,7 +52,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from watcher import __version__
-from watcher.config.models import parse_endpoint
+from watcher.config import parse_endpoint
 from watcher.errors import (
     ConfigError,
     LocalFileError,
@@ -63,7 +63,7 @@ from watcher.errors import (
     UnauthorizedError,
     UploadError,
 )
-from watcher.files.localfile import open_regular_file
+from watcher.files import open_regular_file
 from watcher.nucleus.bandwidth import TokenBucket
 
 # http.client writes a file body in 8 KiB blocks (urllib3: 16 KiB); a syscall per 8 KiB caps a

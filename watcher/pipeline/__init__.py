@@ -1,1 +1,24 @@
-"""TODO."""
+"""The data path, stage by stage: intake (watchdog) -> settle -> reconcile (classify, record) ->
+uploader (claim, send, confirm) -> after-upload and free space; `wiring` builds each stage from
+its part of the settings.
+
+May import: `watcher.nucleus`, `watcher.store` and everything below them.
+"""
+
+from watcher.pipeline.disk import AfterUpload as AfterUpload
+from watcher.pipeline.disk import FanOutEvents as FanOutEvents
+from watcher.pipeline.disk import FreeSpaceGuard as FreeSpaceGuard
+from watcher.pipeline.intake import Intake as Intake
+from watcher.pipeline.intake import WatchSpec as WatchSpec
+from watcher.pipeline.link_rate import START_RATE_BYTES_PER_SECOND as START_RATE_BYTES_PER_SECOND
+from watcher.pipeline.link_rate import LinkRate as LinkRate
+from watcher.pipeline.link_rate import RequestShape as RequestShape
+from watcher.pipeline.reconcile import Reconciler as Reconciler
+from watcher.pipeline.reconcile import WatchPlan as WatchPlan
+from watcher.pipeline.reconcile import file_sha256 as file_sha256
+from watcher.pipeline.reconcile import plans_for as plans_for
+from watcher.pipeline.settle import CLOSE_GRACE_SECONDS as CLOSE_GRACE_SECONDS
+from watcher.pipeline.settle import Settler as Settler
+from watcher.pipeline.uploader import Uploader as Uploader
+from watcher.pipeline.uploader import UploadEvents as UploadEvents
+from watcher.pipeline.uploader import UploadPolicy as UploadPolicy

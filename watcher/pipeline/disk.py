@@ -18,10 +18,9 @@ from pathlib import Path
 import structlog
 
 from watcher.errors import NotARegularFile
-from watcher.files.localfile import open_regular_file
-from watcher.files.pathtext import path_from_text
+from watcher.files import open_regular_file, path_from_text
 from watcher.pipeline.uploader import UploadEvents
-from watcher.store.state_store import UPLOADED, FileRecord, StateStore
+from watcher.store import UPLOADED, FileRecord, StateStore
 
 log = structlog.get_logger("watcher.disk")
 

@@ -45,7 +45,7 @@ from watchdog.observers.inotify_c import CallbackId, InotifyEvent, InotifyFD, Ma
 from watchdog.observers.inotify_c import WatchDescriptor as InotifyWatchDescriptor
 from watchdog.observers.polling import PollingObserverVFS
 
-from watcher.files.pathfilter import PathFilter
+from watcher.files import PathFilter
 
 log = structlog.get_logger("watcher.intake")
 

@@ -19,12 +19,16 @@ from pathlib import Path
 import structlog
 
 from watcher.errors import PathRuleError
-from watcher.files.imagecheck import check_open_image_complete, sniff_image_type
-from watcher.files.localfile import open_regular_file
-from watcher.files.pathfilter import PathFilter
-from watcher.files.pathtext import path_from_text, path_text
-from watcher.rules.ruleset import RuleSet
-from watcher.store.state_store import (
+from watcher.files import (
+    PathFilter,
+    check_open_image_complete,
+    open_regular_file,
+    path_from_text,
+    path_text,
+    sniff_image_type,
+)
+from watcher.rules import RuleSet
+from watcher.store import (
     FAILED,
     GONE,
     INCOMPLETE,

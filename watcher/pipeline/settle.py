@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import structlog
 
-from watcher.files.imagecheck import NOT_AN_IMAGE, check_image_complete
+from watcher.files import NOT_AN_IMAGE, check_image_complete
 
 log = structlog.get_logger("watcher.settle")
 

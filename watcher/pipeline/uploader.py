@@ -29,9 +29,9 @@ from watcher.errors import (
     UnauthorizedError,
     UploadError,
 )
-from watcher.nucleus.client import AppendResult, NucleusClient, UploadItem
+from watcher.nucleus import AppendResult, NucleusClient, UploadItem
 from watcher.pipeline.link_rate import LinkRate
-from watcher.store.state_store import FileRecord, StateStore
+from watcher.store import FileRecord, StateStore
 
 log = structlog.get_logger("watcher.uploader")
 

@@ -9,14 +9,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from watcher.config.models import Settings, compile_rules
-from watcher.files.pathfilter import PathFilter
-from watcher.nucleus.bandwidth import TokenBucket
-from watcher.nucleus.client import NucleusClient
+from watcher.config import Settings, compile_rules
+from watcher.files import PathFilter
+from watcher.nucleus import NucleusClient, TokenBucket
 from watcher.pipeline.reconcile import Reconciler, WatchPlan
 from watcher.pipeline.settle import Settler
 from watcher.pipeline.uploader import Uploader, UploadEvents, UploadPolicy
-from watcher.store.state_store import StateStore, watch_key, watch_key_aliases
+from watcher.store import StateStore, watch_key, watch_key_aliases
 
 
 def watch_plans(settings: Settings) -> list[WatchPlan]:

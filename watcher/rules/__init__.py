@@ -1,1 +1,9 @@
-"""TODO."""
+"""Path rules: turning a file's path inside a watch into a reference_id and metadata (globs with
+`{name}` captures, regexes, templates with types).
+
+May import: `watcher.files`, `watcher.errors`.
+"""
+
+from watcher.rules.ruleset import Classification as Classification
+from watcher.rules.ruleset import RuleSet as RuleSet
+from watcher.rules.ruleset import check_type_consistency as check_type_consistency

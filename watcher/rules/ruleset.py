@@ -25,7 +25,7 @@ from urllib.parse import quote
 from watcher.errors import ConfigError, PathRuleError, TemplateError
 
 if TYPE_CHECKING:
-    from watcher.config.models import WatchSettings
+    from watcher.config import WatchSettings
 
 __all__ = [
     "BUILTIN_VARIABLES",

@@ -20,20 +20,26 @@ from types import FrameType
 
 import structlog
 
-from watcher.commands.explain_retry import retry_request_path
-from watcher.config.models import Settings, load_settings, resolve_api_key
+from watcher.config import Settings, load_settings, resolve_api_key
 from watcher.errors import ConfigError
-from watcher.nucleus.client import NucleusClient
+from watcher.nucleus import NucleusClient
+from watcher.pipeline import (
+    AfterUpload,
+    FanOutEvents,
+    FreeSpaceGuard,
+    Intake,
+    Reconciler,
+    Settler,
+    Uploader,
+    WatchPlan,
+    WatchSpec,
+    plans_for,
+)
 from watcher.pipeline import wiring as pipeline
-from watcher.pipeline.disk import AfterUpload, FanOutEvents, FreeSpaceGuard
-from watcher.pipeline.intake import Intake, WatchSpec
-from watcher.pipeline.reconcile import Reconciler, WatchPlan, plans_for
-from watcher.pipeline.settle import Settler
-from watcher.pipeline.uploader import Uploader
 from watcher.service.logs import add_secret
 from watcher.service.metrics import Metrics, UploadMetrics
 from watcher.service.sdnotify import SystemdNotifier
-from watcher.store.state_store import INCOMPLETE, StateStore
+from watcher.store import INCOMPLETE, StateStore, retry_request_path
 
 log = structlog.get_logger("watcher.daemon")
 

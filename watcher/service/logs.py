@@ -28,21 +28,16 @@ import re
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Literal, TextIO
+from typing import TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from watcher.files.pathtext import path_text
+from watcher.config import LogFormat, LogLevel
+from watcher.files import path_text
 
 REDACTED = "[redacted]"
 
-# The config validates `log.format` and `log.level` against these types once; configure_logging
-# then only looks the level up.
-LogFormat = Literal["auto", "json", "console"]
-LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-# Other spellings the config accepts for a level, and the level each one means.
-LOG_LEVEL_ALIASES: Mapping[str, LogLevel] = {"warn": "warning"}
 _LEVEL_NUMBERS: Mapping[LogLevel, int] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,

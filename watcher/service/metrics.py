@@ -33,8 +33,8 @@ from prometheus_client.registry import Collector
 
 from watcher import __version__
 from watcher.errors import ConfigError
-from watcher.pipeline.uploader import UploadEvents
-from watcher.store.state_store import FileRecord
+from watcher.pipeline import UploadEvents
+from watcher.store import FileRecord
 
 log = structlog.get_logger("watcher.metrics")
 

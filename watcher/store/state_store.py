@@ -32,7 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import structlog
 
 from watcher.errors import StoreBusyError, StoreError
-from watcher.files.pathtext import path_from_text
+from watcher.files import path_from_text
 
 log = structlog.get_logger("watcher.store")
 
@@ -1069,6 +1069,11 @@ def _mark_gone(db: sqlite3.Connection, watch: str, relpath: str, now: float) -> 
         (IN_FLIGHT, GONE, IN_FLIGHT, IN_FLIGHT, now, watch, relpath, GONE),
     )
     return cursor.rowcount > 0
+
+
+def retry_request_path(state_path: Path) -> Path:
+    """Where `retry` leaves its request for a running daemon (which owns the database)."""
+    return state_path.with_name(state_path.name + ".retry")
 
 
 def lock_path(path: Path) -> Path:
