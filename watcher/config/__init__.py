@@ -9,6 +9,7 @@ from watcher.config.models import LogLevel as LogLevel
 from watcher.config.models import NucleusSettings as NucleusSettings
 from watcher.config.models import Settings as Settings
 from watcher.config.models import WatchSettings as WatchSettings
+from watcher.config.models import ca_bundle_problems as ca_bundle_problems
 from watcher.config.models import check_files as check_files
 from watcher.config.models import compile_rules as compile_rules
 from watcher.config.models import describe_watch as describe_watch

@@ -871,7 +871,7 @@ def check_files(settings: Settings, name: str = "settings") -> None:
     if nucleus.api_key_file:
         problems += _key_file_problems(Path(nucleus.api_key_file))
     if nucleus.ca_bundle:
-        problems += _ca_bundle_problems(Path(nucleus.ca_bundle))
+        problems += ca_bundle_problems(Path(nucleus.ca_bundle))
     problems += _place_problems("state.path", settings.state.path, want_folder=False)
     if upload.archive_dir:
         problems += _place_problems(
@@ -909,7 +909,7 @@ def _key_file_problems(key_file: Path) -> list[tuple[str, str]]:
     return []
 
 
-def _ca_bundle_problems(ca_file: Path) -> list[tuple[str, str]]:
+def ca_bundle_problems(ca_file: Path) -> list[tuple[str, str]]:
     # The same tests the client makes when it is built, so check refuses what run would.
     key = "nucleus.ca_bundle"
     try:

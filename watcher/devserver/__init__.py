@@ -32,7 +32,6 @@ One thing per module (the leading-underscore names are private to this package):
 """
 
 from watcher.devserver.append_items import MAX_FILES_PER_REQUEST as MAX_FILES_PER_REQUEST
-from watcher.devserver.append_items import REMOTE_URL_PREFIXES as REMOTE_URL_PREFIXES
 from watcher.devserver.catalog import StoredItem
 from watcher.devserver.faults import FAULT_KINDS
 from watcher.devserver.request_log import RequestRecord

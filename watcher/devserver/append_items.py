@@ -10,9 +10,9 @@ from urllib.parse import unquote
 from watcher.devserver.catalog import _IncomingItem
 from watcher.devserver.multipart import _ReceivedForm, _ReceivedImage
 from watcher.devserver.request_failures import _RequestRejected
+from watcher.wire import REMOTE_URL_PREFIXES
 
 MAX_FILES_PER_REQUEST: Final = 10
-REMOTE_URL_PREFIXES: Final = ("gs://", "s3://", "http://", "https://")
 
 
 def _item_from_json(raw: Any, *, default_update: bool, image_url_required: bool) -> _IncomingItem:

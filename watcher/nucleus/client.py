@@ -65,6 +65,7 @@ from watcher.errors import (
 )
 from watcher.files import open_regular_file
 from watcher.nucleus.bandwidth import TokenBucket
+from watcher.wire import REMOTE_URL_PREFIXES
 
 # http.client writes a file body in 8 KiB blocks (urllib3: 16 KiB); a syscall per 8 KiB caps a
 # single upload well below what a LAN or a fast uplink can carry.
@@ -86,7 +87,6 @@ _REVIEWS_PER_TIMEOUT = 8
 # struct tcp_info up to and including tcpi_bytes_acked (Linux 4.1+); read a little more.
 _TCP_INFO_BYTES_ACKED_END = 128
 _TCP_INFO_READ_BYTES = 256
-_REMOTE_URL_PREFIXES = ("gs://", "s3://", "http://", "https://")
 _IMAGE_CONTENT_TYPES = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -130,10 +130,10 @@ class UploadItem:
             raise ValueError("an upload item needs a non-empty reference_id")
         if (self.path is None) == (self.remote_url is None):
             raise ValueError(f"item {self.reference_id!r}: give exactly one of path and remote_url")
-        if self.remote_url is not None and not self.remote_url.startswith(_REMOTE_URL_PREFIXES):
+        if self.remote_url is not None and not self.remote_url.startswith(REMOTE_URL_PREFIXES):
             raise ValueError(
                 f"item {self.reference_id!r}: remote_url must start with "
-                + ", ".join(_REMOTE_URL_PREFIXES)
+                + ", ".join(REMOTE_URL_PREFIXES)
             )
 
 

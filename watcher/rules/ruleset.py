@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from watcher.errors import ConfigError, PathRuleError, TemplateError
+from watcher.wire import REMOTE_URL_PREFIXES
 
 if TYPE_CHECKING:
     from watcher.config import WatchSettings
@@ -47,7 +48,6 @@ BUILTIN_VARIABLES = frozenset(
 _MAY_RENDER_EMPTY = frozenset({"parent", "ext"})
 
 MAX_REFERENCE_ID_CHARS = 1024
-_REMOTE_URL_SCHEMES = ("gs://", "s3://", "http://", "https://")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BARE_TOML_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -509,7 +509,7 @@ def _compile_watch(watch: WatchSettings) -> tuple[_CompiledWatch | None, list[tu
     remote_url: Template | None = None
     if watch.remote_url:
         remote_url = compiler.plain_text_template("remote_url", watch.remote_url)
-        if remote_url is not None and not remote_url.literal_prefix.startswith(_REMOTE_URL_SCHEMES):
+        if remote_url is not None and not remote_url.literal_prefix.startswith(REMOTE_URL_PREFIXES):
             compiler.problems.append(
                 (
                     "remote_url",
