@@ -1,6 +1,9 @@
 """The `nucleus-watcher` command: parse arguments, run one command, turn errors into one line.
 
 Exit codes: 0 ok, 1 failures, 2 usage or config error. A user mistake never prints a traceback.
+
+Commands are imported when they run, so `--help`, `devserver` and `demo` do not load the
+daemon's dependencies.
 """
 
 from __future__ import annotations
@@ -8,11 +11,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from watcher import __version__
 from watcher.errors import ConfigError, WatcherError
+
+if TYPE_CHECKING:
+    from watcher.config import Settings
+
+    # What `add_subparsers` returns; argparse names it only privately.
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -26,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nucleus-watcher {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_config_commands(commands)
+    _add_devserver(commands)
+    _add_demo(commands)
+    return parser
+
+
+def _add_config_commands(commands: _Subparsers) -> None:
+    """The commands that read a config file (`-c`), in the order `--help` lists them."""
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
@@ -45,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     retry = with_config("retry", "re-queue failed items (all, or those at PATH...)")
     retry.add_argument("paths", nargs="*", type=Path, metavar="PATH")
 
+
+def _add_devserver(commands: _Subparsers) -> None:
     devserver = commands.add_parser(
         "devserver", help="a local Nucleus-compatible endpoint for trying things out"
     )
@@ -63,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help='read request bodies at most this fast, all connections together ("1MiB/s")',
     )
+
+
+def _add_demo(commands: _Subparsers) -> None:
     demo = commands.add_parser(
         "demo", help="the whole thing on a temporary folder against a local devserver, no setup"
     )
@@ -85,7 +108,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help='a thin uplink: the devserver reads uploads at most this fast ("64KiB/s")',
     )
-    return parser
 
 
 def _link_rate(text: str) -> int | None:
@@ -129,14 +151,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.dataset,
             args.link_rate,
         )
-
     if args.command == "demo":
         from watcher.commands import run_demo
 
         return run_demo(
             keep=args.keep, seconds=args.seconds, link_rate_bytes_per_second=args.link_rate
         )
+    return _run_with_config(args)
 
+
+def _run_with_config(args: argparse.Namespace) -> int:
+    """Load the config, check its files, resolve the key when the command talks to Nucleus,
+    set up logging, then run the command."""
     from watcher.config import check_files, load_settings, resolve_api_key
     from watcher.service import configure_logging
 
@@ -149,29 +175,51 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         api_key, secrets = "", []
     configure_logging(format=settings.log.format, level=settings.log.level, secrets=secrets)
+    return _CONFIG_COMMANDS[args.command](args, settings, api_key)
 
-    if args.command == "scan":
-        from watcher.commands import run_scan
 
-        return run_scan(settings, api_key)
-    if args.command == "run":
-        from watcher.service import run_daemon
+def _run(args: argparse.Namespace, settings: Settings, api_key: str) -> int:
+    from watcher.service import run_daemon
 
-        return run_daemon(args.config, settings, api_key)
-    if args.command == "check":
-        from watcher.commands import check
+    return run_daemon(args.config, settings, api_key)
 
-        return check(settings, api_key if args.online else None)
-    if args.command == "explain":
-        from watcher.commands import explain
 
-        return explain(settings, args.path)
-    if args.command == "retry":
-        from watcher.commands import retry
+def _scan(args: argparse.Namespace, settings: Settings, api_key: str) -> int:
+    from watcher.commands import run_scan
 
-        return retry(settings, args.paths)
-    if args.command == "status":
-        from watcher.commands import print_status
+    return run_scan(settings, api_key)
 
-        return print_status(settings, as_json=args.json)
-    raise AssertionError(args.command)
+
+def _status(args: argparse.Namespace, settings: Settings, api_key: str) -> int:
+    from watcher.commands import print_status
+
+    return print_status(settings, as_json=args.json)
+
+
+def _explain(args: argparse.Namespace, settings: Settings, api_key: str) -> int:
+    from watcher.commands import explain
+
+    return explain(settings, args.path)
+
+
+def _check(args: argparse.Namespace, settings: Settings, api_key: str) -> int:
+    from watcher.commands import check
+
+    return check(settings, api_key if args.online else None)
+
+
+def _retry(args: argparse.Namespace, settings: Settings, api_key: str) -> int:
+    from watcher.commands import retry
+
+    return retry(settings, args.paths)
+
+
+# The commands that read a config file, by name (as `_add_config_commands` declares them).
+_CONFIG_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
+    "run": _run,
+    "scan": _scan,
+    "status": _status,
+    "explain": _explain,
+    "check": _check,
+    "retry": _retry,
+}
