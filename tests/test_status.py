@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -280,6 +281,39 @@ def test_no_database_raises_the_line_cli_prints(layout: Layout) -> None:
         f"{layout.db}: no state database yet (has the daemon or scan run?)"
     )
     assert not layout.db.exists()  # status never creates one
+
+
+def test_a_state_this_version_does_not_know_is_neither_backlog_nor_a_problem(
+    layout: Layout,
+) -> None:
+    store = StateStore.open(layout.db)
+    try:
+        store.record_candidate(candidate(layout.cam, "known.jpg", 100), now=1e9 - 60)
+        store.record_candidate(candidate(layout.cam, "newer.jpg", 100), now=1e9 - 120)
+    finally:
+        store.close()
+    # As a newer version might leave it: a state name this one has never heard of.
+    with sqlite3.connect(layout.db) as db:
+        db.execute("UPDATE files SET state = 'archived' WHERE relpath = 'newer.jpg'")
+    db.close()
+    out = io.StringIO()
+
+    code = print_status(load_settings(layout.config, environ={}), as_json=True, out=out, now=1e9)
+
+    assert code == 0
+    data = json.loads(out.getvalue())
+    assert "archived" not in data["states"]
+    assert data["watches"][0]["counts"] == {
+        "pending": 1,
+        "in_flight": 0,
+        "uploaded": 0,
+        "failed": 0,
+        "incomplete": 0,
+        "gone": 0,
+    }
+    assert data["backlog"]["files"] == 1
+    assert data["backlog"]["age_seconds"] == 60.0
+    assert data["recent_errors"] == []
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ its keys are stable (scripts and monitoring read them):
     recent_errors    [obj]  newest first, at most 10: files whose last attempt left a reason
         path, watch, relpath, dataset_id, reference_id, state, reason: str
         attempts         int
+
+Files are counted per known state (`watcher.store.STATES`), and the backlog is the states in
+`BACKLOG_STATES`, named one by one. A row in a state this version does not know (a newer
+version wrote it) is in no column and not in the backlog; it is listed under the last errors
+only if it left a reason, like any other row.
 """
 
 from __future__ import annotations
@@ -36,13 +41,16 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from watcher.config import Settings
 from watcher.store import IN_FLIGHT, PENDING, STATES, FileRecord, StateStore, watch_key
 
+# The files still to be sent: waiting for their turn, or being sent now.
+BACKLOG_STATES: Final = (PENDING, IN_FLIGHT)
 THROUGHPUT_WINDOWS_SECONDS = (60, 300, 900)
 MAX_ERRORS_SHOWN = 10
 _BYTES_PER_MB = 1_000_000
@@ -84,7 +92,7 @@ class StatusReport:
     @property
     def backlog_files(self) -> int:
         totals = self.totals
-        return totals[PENDING] + totals[IN_FLIGHT]
+        return sum(totals[state] for state in BACKLOG_STATES)
 
     @property
     def backlog_age_seconds(self) -> float | None:
@@ -133,7 +141,7 @@ def read_status(settings: Settings, *, now: float) -> StatusReport:
         WatchCounts(
             watch=key,
             configured=key in configured,
-            counts={state: by_watch.get(key, {}).get(state, 0) for state in STATES},
+            counts=_known_state_counts(by_watch.get(key, {})),
         )
         for key in keys
     ]
@@ -145,6 +153,12 @@ def read_status(settings: Settings, *, now: float) -> StatusReport:
         throughput=throughput,
         recent_errors=errors,
     )
+
+
+def _known_state_counts(by_state: Mapping[str, int]) -> dict[str, int]:
+    """Files per known state, every one present (0 when none); states not in STATES are left out
+    (see the module docstring)."""
+    return {state: by_state.get(state, 0) for state in STATES}
 
 
 # -- text ------------------------------------------------------------------------------------
