@@ -1,0 +1,56 @@
+"""The certificates a client trusts: the default bundle, widened by the user's `ca_bundle`.
+
+requests verifies against exactly one file, so an extra CA file would replace the defaults
+rather than add to them. `CombinedCaBundle` writes both into one temp file for `verify=` and
+removes it when the client closes.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from contextlib import suppress
+from pathlib import Path
+
+import certifi
+
+from watcher.errors import ConfigError
+
+
+class CombinedCaBundle:
+    """A temp file holding the default CAs and then the user's; `path` is what to verify with."""
+
+    def __init__(self, extra_ca_path: str) -> None:
+        try:
+            extra = Path(extra_ca_path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"nucleus.ca_bundle: cannot read {extra_ca_path}: {exc.strerror}"
+            ) from None
+        if b"-----BEGIN CERTIFICATE-----" not in extra:
+            raise ConfigError(f"nucleus.ca_bundle: {extra_ca_path} holds no PEM certificate")
+        try:
+            ssl.create_default_context(cafile=extra_ca_path)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"nucleus.ca_bundle: {extra_ca_path} is not usable: {exc}") from None
+        combined = Path(_default_ca_file()).read_bytes() + b"\n" + extra + b"\n"
+        with tempfile.NamedTemporaryFile(
+            prefix="nucleus-watcher-ca-", suffix=".pem", delete=False
+        ) as out:
+            out.write(combined)
+        self.path = out.name
+
+    def remove(self) -> None:
+        # If it cannot go, no harm: the file holds only public certificates.
+        with suppress(OSError):
+            os.unlink(self.path)
+
+
+def _default_ca_file() -> str:
+    """The bundle requests would verify with: its environment override, else certifi's."""
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        candidate = os.environ.get(variable)
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return certifi.where()
