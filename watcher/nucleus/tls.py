@@ -8,13 +8,13 @@ removes it when the client closes.
 from __future__ import annotations
 
 import os
-import ssl
 import tempfile
 from contextlib import suppress
 from pathlib import Path
 
 import certifi
 
+from watcher.config import ca_bundle_problems
 from watcher.errors import ConfigError
 
 
@@ -22,19 +22,12 @@ class CombinedCaBundle:
     """A temp file holding the default CAs and then the user's; `path` is what to verify with."""
 
     def __init__(self, extra_ca_path: str) -> None:
-        try:
-            extra = Path(extra_ca_path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(
-                f"nucleus.ca_bundle: cannot read {extra_ca_path}: {exc.strerror}"
-            ) from None
-        if b"-----BEGIN CERTIFICATE-----" not in extra:
-            raise ConfigError(f"nucleus.ca_bundle: {extra_ca_path} holds no PEM certificate")
-        try:
-            ssl.create_default_context(cafile=extra_ca_path)
-        except ssl.SSLError as exc:
-            raise ConfigError(f"nucleus.ca_bundle: {extra_ca_path} is not usable: {exc}") from None
-        combined = Path(_default_ca_file()).read_bytes() + b"\n" + extra + b"\n"
+        extra = Path(extra_ca_path)
+        # The tests `check` makes, so the client refuses exactly what `check` reports.
+        problems = ca_bundle_problems(extra)
+        if problems:
+            raise ConfigError([f"{key}: {message}" for key, message in problems])
+        combined = Path(_default_ca_file()).read_bytes() + b"\n" + extra.read_bytes() + b"\n"
         with tempfile.NamedTemporaryFile(
             prefix="nucleus-watcher-ca-", suffix=".pem", delete=False
         ) as out:
