@@ -2,7 +2,7 @@
 deadline and a shared rate limit, each answer split into a result or a retryable, permanent or
 unauthorized error. Retrying, batching and the state store are the uploader's business.
 
-    types        UploadItem, AppendResult, JobState: what goes in and comes out
+    types        UploadItem, AppendResult, JobState, JobStatus: what goes in and comes out
     client       NucleusClient: the routes, building each request and reading its answer
     bodies       the multipart form (files hashed as they stream) and the remote-URL JSON
     transport    connections that report to the deadline, the paced body, the answer reader
@@ -19,4 +19,5 @@ from watcher.nucleus.bandwidth import TokenBucket as TokenBucket
 from watcher.nucleus.client import NucleusClient as NucleusClient
 from watcher.nucleus.types import AppendResult as AppendResult
 from watcher.nucleus.types import JobState as JobState
+from watcher.nucleus.types import JobStatus as JobStatus
 from watcher.nucleus.types import UploadItem as UploadItem

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -13,13 +14,36 @@ from watcher.wire import REMOTE_URL_PREFIXES
 MAX_FILES_PER_REQUEST: Final = 10
 
 
+class JobStatus(StrEnum):
+    """The job states `shared/nucleus-api.md` lists; the values are the server's words."""
+
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    ERRORED = "Errored"
+    ERRORED_SERVER = "Errored_Server"
+    ERRORED_USER = "Errored_User"
+    ERRORED_PARTIAL = "Errored_Partial"
+    ERRORED_HANGING = "Errored_Hanging"
+    CANCELLED = "Cancelled"
+    RETRIED = "Retried"
+
+
 # Job states in which the job will not change any more.
-_JOB_FINAL_STATES: Final = frozenset(
-    {"Completed", "Errored", "Errored_Server", "Errored_User", "Errored_Partial",
-     "Errored_Hanging", "Cancelled", "Retried"}
-)  # fmt: skip
+_FINAL_STATES: Final = frozenset(
+    {
+        JobStatus.COMPLETED,
+        JobStatus.ERRORED,
+        JobStatus.ERRORED_SERVER,
+        JobStatus.ERRORED_USER,
+        JobStatus.ERRORED_PARTIAL,
+        JobStatus.ERRORED_HANGING,
+        JobStatus.CANCELLED,
+        JobStatus.RETRIED,
+    }
+)
 # Final states caused by the items themselves: sending them again would fail the same way.
-_JOB_USER_ERROR_STATES: Final = frozenset({"Errored_User", "Errored_Partial"})
+_USER_ERROR_STATES: Final = frozenset({JobStatus.ERRORED_USER, JobStatus.ERRORED_PARTIAL})
 
 
 @dataclass(frozen=True)
@@ -62,7 +86,12 @@ class AppendResult:
 
 @dataclass(frozen=True)
 class JobState:
-    """The status of an asynchronous append job."""
+    """The status of an asynchronous append job.
+
+    `status` is the server's word as it came, not a `JobStatus`: a state the service adds later
+    must still reach the log and the metrics label unchanged (it compares equal to the member
+    when it is a known one).
+    """
 
     job_id: str
     status: str
@@ -71,13 +100,13 @@ class JobState:
     @property
     def finished(self) -> bool:
         # Unknown states count as still running: polling on is safer than guessing an outcome.
-        return self.status in _JOB_FINAL_STATES or self.status.startswith("Errored")
+        return self.status in _FINAL_STATES or self.status.startswith(JobStatus.ERRORED)
 
     @property
     def succeeded(self) -> bool:
-        return self.status == "Completed"
+        return self.status == JobStatus.COMPLETED
 
     @property
     def user_error(self) -> bool:
         """The items themselves were refused: park them. Other failed states are retried."""
-        return self.status in _JOB_USER_ERROR_STATES
+        return self.status in _USER_ERROR_STATES
