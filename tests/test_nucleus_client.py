@@ -293,7 +293,7 @@ def test_streaming_a_200_mb_file_keeps_memory_flat(devserver: DevServer, tmp_pat
     script = """
 import sys
 from pathlib import Path
-from watcher.nucleus.client import NucleusClient, UploadItem
+from watcher.nucleus import NucleusClient, UploadItem
 
 def peak_kib():
     for line in open("/proc/self/status"):
