@@ -19,6 +19,6 @@ from watcher.pipeline.reconcile import file_sha256 as file_sha256
 from watcher.pipeline.reconcile import plans_for as plans_for
 from watcher.pipeline.settle import CLOSE_GRACE_SECONDS as CLOSE_GRACE_SECONDS
 from watcher.pipeline.settle import Settler as Settler
+from watcher.pipeline.upload_events import UploadEvents as UploadEvents
+from watcher.pipeline.upload_policy import UploadPolicy as UploadPolicy
 from watcher.pipeline.uploader import Uploader as Uploader
-from watcher.pipeline.uploader import UploadEvents as UploadEvents
-from watcher.pipeline.uploader import UploadPolicy as UploadPolicy

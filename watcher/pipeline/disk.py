@@ -19,7 +19,7 @@ import structlog
 
 from watcher.errors import NotARegularFile
 from watcher.files import open_regular_file, path_from_text
-from watcher.pipeline.uploader import UploadEvents
+from watcher.pipeline.upload_events import UploadEvents
 from watcher.store import UPLOADED, FileRecord, StateStore
 
 log = structlog.get_logger("watcher.disk")
