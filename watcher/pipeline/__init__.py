@@ -5,9 +5,8 @@ its part of the settings.
 May import: `watcher.nucleus`, `watcher.store` and everything below them.
 """
 
-from watcher.pipeline.disk import AfterUpload as AfterUpload
-from watcher.pipeline.disk import FanOutEvents as FanOutEvents
-from watcher.pipeline.disk import FreeSpaceGuard as FreeSpaceGuard
+from watcher.pipeline.after_upload import AfterUpload as AfterUpload
+from watcher.pipeline.free_space import FreeSpaceGuard as FreeSpaceGuard
 from watcher.pipeline.intake import Intake as Intake
 from watcher.pipeline.intake import WatchSpec as WatchSpec
 from watcher.pipeline.link_rate import START_RATE_BYTES_PER_SECOND as START_RATE_BYTES_PER_SECOND
@@ -19,6 +18,7 @@ from watcher.pipeline.reconcile import file_sha256 as file_sha256
 from watcher.pipeline.reconcile import plans_for as plans_for
 from watcher.pipeline.settle import CLOSE_GRACE_SECONDS as CLOSE_GRACE_SECONDS
 from watcher.pipeline.settle import Settler as Settler
+from watcher.pipeline.upload_events import FanOutEvents as FanOutEvents
 from watcher.pipeline.upload_events import UploadEvents as UploadEvents
 from watcher.pipeline.upload_policy import UploadPolicy as UploadPolicy
 from watcher.pipeline.uploader import Uploader as Uploader
