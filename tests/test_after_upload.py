@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import tempfile
@@ -13,6 +15,7 @@ import structlog
 
 from tests.uploadedfiles import events_named, record, send, send_and_confirm, write_file
 from watcher.pipeline import AfterUpload
+from watcher.service import configure_logging, reset_logging
 from watcher.store import StateStore
 
 
@@ -214,3 +217,23 @@ def test_move_needs_an_archive_dir(store: StateStore) -> None:
         AfterUpload("move", None, store)
     with pytest.raises(ValueError, match="after_upload"):
         AfterUpload("shred", None, store)
+
+
+def test_a_json_log_line_spells_the_mode_as_the_config_does(
+    store: StateStore, root: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "archive"
+    blocker.write_bytes(b"a file where the archive folder should be")
+    write_file(root, "a.jpg", b"aaaa")
+    record(store, root, "a.jpg")
+    confirmed = send_and_confirm(store)
+    stream = io.StringIO()
+    configure_logging(format="json", stream=stream)
+    try:
+        AfterUpload("move", blocker, store).confirmed(confirmed)
+    finally:
+        reset_logging()
+
+    [line] = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["event"] == "after_upload_failed"
+    assert '"mode": "move"' in stream.getvalue()

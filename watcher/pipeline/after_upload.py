@@ -13,7 +13,9 @@ import hashlib
 import os
 import shutil
 from collections.abc import Iterator, Sequence
+from enum import StrEnum
 from pathlib import Path
+from typing import assert_never
 
 import structlog
 
@@ -24,7 +26,23 @@ from watcher.store import UPLOADED, FileRecord, StateStore
 
 log = structlog.get_logger("watcher.disk")
 
-AFTER_UPLOAD_MODES = ("keep", "delete", "move")
+
+class AfterUploadMode(StrEnum):
+    """`upload.after_upload`, spelled as in the config and in the `mode` field of log lines."""
+
+    KEEP = "keep"
+    DELETE = "delete"
+    MOVE = "move"
+
+
+class LocalCopy(StrEnum):
+    """The file on disk next to what the dataset holds (see `compare_with_dataset`)."""
+
+    SAME = "same"  # the bytes the dataset confirmed, with nothing left to send for it
+    VANISHED = "vanished"
+    CHANGED = "changed"  # rewritten or replaced since, or a newer version still to be sent
+    UNREADABLE = "unreadable"
+
 
 # link() fails with these where a hard link cannot be made (another file system, or one without
 # hard links such as FAT on a camera's card); the file is then copied instead.
@@ -43,10 +61,9 @@ def file_fields(record: FileRecord) -> dict[str, str]:
     }
 
 
-def compare_with_dataset(store: StateStore, record: FileRecord) -> tuple[str, str]:
+def compare_with_dataset(store: StateStore, record: FileRecord) -> tuple[LocalCopy, str]:
     """Does the dataset hold exactly this file, with nothing left to send for it?
-    (verdict, detail), verdict one of "same", "vanished", "changed" (rewritten or replaced
-    since, or a newer version or metadata still to be sent), "unreadable".
+    Returns the verdict and, unless it is SAME, a detail for the log line.
 
     The file's bytes are hashed and compared with the hash the server confirmed: size and
     mtime alone cannot tell a rewrite within one timestamp tick, and the record may already
@@ -55,19 +72,22 @@ def compare_with_dataset(store: StateStore, record: FileRecord) -> tuple[str, st
     current = store.get(record.watch, record.relpath)
     if current is None or current.state != UPLOADED or current.confirmed_content_sha256 is None:
         state = "missing" if current is None else current.state
-        return "changed", f"the record is {state}: the dataset does not hold this version yet"
+        return (
+            LocalCopy.CHANGED,
+            f"the record is {state}: the dataset does not hold this version yet",
+        )
     try:
         with open_regular_file(record.path) as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
     except FileNotFoundError:
-        return "vanished", "no such file"
+        return LocalCopy.VANISHED, "no such file"
     except NotARegularFile:
-        return "changed", "no longer a regular file"
+        return LocalCopy.CHANGED, "no longer a regular file"
     except OSError as exc:
-        return "unreadable", f"cannot read: {exc.strerror}"
+        return LocalCopy.UNREADABLE, f"cannot read: {exc.strerror}"
     if digest != current.confirmed_content_sha256:
-        return "changed", "its bytes differ from what the dataset holds"
-    return "same", ""
+        return LocalCopy.CHANGED, "its bytes differ from what the dataset holds"
+    return LocalCopy.SAME, ""
 
 
 class AfterUpload(UploadEvents):
@@ -79,16 +99,18 @@ class AfterUpload(UploadEvents):
     """
 
     def __init__(self, mode: str, archive_dir: Path | None, store: StateStore) -> None:
-        if mode not in AFTER_UPLOAD_MODES:
-            raise ValueError(f"after_upload must be one of {AFTER_UPLOAD_MODES} (got {mode!r})")
-        if mode == "move" and archive_dir is None:
+        try:
+            self._mode = AfterUploadMode(mode)
+        except ValueError:
+            modes = tuple(known.value for known in AfterUploadMode)
+            raise ValueError(f"after_upload must be one of {modes} (got {mode!r})") from None
+        if self._mode is AfterUploadMode.MOVE and archive_dir is None:
             raise ValueError('after_upload = "move" needs an archive_dir')
-        self._mode = mode
         self._archive_dir = archive_dir
         self._store = store
 
     def confirmed(self, records: Sequence[FileRecord]) -> None:
-        if self._mode == "keep":
+        if self._mode is AfterUploadMode.KEEP:
             return
         for record in records:
             if record.remote_url is not None:
@@ -105,14 +127,23 @@ class AfterUpload(UploadEvents):
 
     def _apply(self, record: FileRecord) -> None:
         verdict, detail = compare_with_dataset(self._store, record)
-        if verdict == "changed":
-            # Rewritten since the send: the reconcile queues the new content; keep it for that.
-            log.info("after_upload_skipped", mode=self._mode, reason=detail, **file_fields(record))
-            return
-        if verdict != "same":
-            log.warning("after_upload_failed", mode=self._mode, error=detail, **file_fields(record))
-            return
-        if self._mode == "delete":
+        match verdict:
+            case LocalCopy.SAME:
+                pass
+            case LocalCopy.CHANGED:
+                # Rewritten since the send: the reconcile queues the new content; keep it.
+                log.info(
+                    "after_upload_skipped", mode=self._mode, reason=detail, **file_fields(record)
+                )
+                return
+            case LocalCopy.VANISHED | LocalCopy.UNREADABLE:
+                log.warning(
+                    "after_upload_failed", mode=self._mode, error=detail, **file_fields(record)
+                )
+                return
+            case unknown:
+                assert_never(unknown)
+        if self._mode is AfterUploadMode.DELETE:
             record.path.unlink()
             log.info("after_upload_deleted", **file_fields(record))
             return

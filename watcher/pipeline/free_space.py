@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
+from typing import assert_never
 
 import structlog
 
-from watcher.pipeline.after_upload import compare_with_dataset, file_fields
+from watcher.pipeline.after_upload import LocalCopy, compare_with_dataset, file_fields
 from watcher.store import FileRecord, StateStore
 
 log = structlog.get_logger("watcher.disk")
+
+
+class Deletion(StrEnum):
+    """What became of one confirmed file the guard tried to give up."""
+
+    DELETED = "deleted"
+    MISSING = "missing"  # already gone
+    KEPT = "kept"  # changed since, or cannot be deleted
 
 
 class FreeSpaceGuard:
@@ -82,33 +92,41 @@ class FreeSpaceGuard:
                 free_bytes = _free_bytes(root)
                 if free_bytes is None or free_bytes >= self._min_free_bytes:
                     return deleted
-                outcome = self._delete_confirmed(record)
-                if outcome == "kept":
-                    kept_ids.add(record.id)
-                    continue
+                match self._delete_confirmed(record):
+                    case Deletion.KEPT:
+                        kept_ids.add(record.id)
+                        continue
+                    case Deletion.DELETED:
+                        deleted += 1
+                    case Deletion.MISSING:
+                        pass
+                    case unknown:
+                        assert_never(unknown)
                 # Deleted by us or already missing: either way its record is now `gone`, which
                 # also takes it out of the next page.
                 self._store.mark_gone(record.watch, record.relpath)
-                if outcome == "deleted":
-                    deleted += 1
 
-    def _delete_confirmed(self, record: FileRecord) -> str:
-        """ "deleted", "missing" (already gone), or "kept" (changed since, or cannot delete)."""
+    def _delete_confirmed(self, record: FileRecord) -> Deletion:
         verdict, detail = compare_with_dataset(self._store, record)
-        if verdict == "vanished":
-            return "missing"
-        if verdict != "same":
-            log.info("disk_space_file_kept", reason=detail, **file_fields(record))
-            return "kept"
+        match verdict:
+            case LocalCopy.SAME:
+                pass
+            case LocalCopy.VANISHED:
+                return Deletion.MISSING
+            case LocalCopy.CHANGED | LocalCopy.UNREADABLE:
+                log.info("disk_space_file_kept", reason=detail, **file_fields(record))
+                return Deletion.KEPT
+            case unknown:
+                assert_never(unknown)
         try:
             record.path.unlink()
         except FileNotFoundError:
-            return "missing"
+            return Deletion.MISSING
         except OSError as exc:
             log.warning("disk_space_delete_failed", error=exc.strerror, **file_fields(record))
-            return "kept"
+            return Deletion.KEPT
         log.warning("disk_space_freed", size_bytes=record.size_bytes, **file_fields(record))
-        return "deleted"
+        return Deletion.DELETED
 
 
 def _free_bytes(root: Path) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class UploadPolicy:
     max_files_per_request: int = 10
     retry_initial_seconds: float = 1.0
     retry_max_seconds: float = 300.0
-    on_conflict: str = "skip"
+    on_conflict: Literal["skip", "update"] = "skip"
     newest_first: bool = False
     asynchronous: bool = False
     job_poll_seconds: float = 2.0
