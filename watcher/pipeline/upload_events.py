@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import structlog
 
@@ -12,25 +13,35 @@ from watcher.store import FileRecord
 log = structlog.get_logger("watcher.disk")
 
 
-class UploadEvents:
-    """What the uploader reports as it goes; the daemon hangs metrics and after_upload here."""
+class UploadEvents(Protocol):
+    """What the uploader reports as it goes; the daemon hangs metrics and after_upload here.
+
+    Any object with these methods will do. A class that names `UploadEvents` as its base
+    inherits a do-nothing body for each, so it writes only the events it cares about (the
+    bodies say `return None` for that reason: an empty one would make the method abstract).
+    """
 
     def confirmed(self, records: Sequence[FileRecord]) -> None:
         """The server confirmed these items (sync 2xx or job Completed)."""
+        return None
 
     def parked(self, records: Sequence[FileRecord], reason: str) -> None:
         """These items will not be retried until they change or `retry` is run."""
+        return None
 
     def retrying(
         self, records: Sequence[FileRecord], kind: str, reason: str, delay_seconds: float
     ) -> None:
         """A transient failure of `kind` (see `retry_kind`); every worker waits `delay_seconds`."""
+        return None
 
     def request_done(self, seconds: float, bytes_sent: int, ok: bool) -> None:
         """One append request finished (for latency and throughput)."""
+        return None
 
     def job_finished(self, status: str) -> None:
         """An asynchronous job reached a final state."""
+        return None
 
 
 class FanOutEvents(UploadEvents):

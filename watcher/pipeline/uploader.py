@@ -27,7 +27,7 @@ from watcher.nucleus import NucleusClient, UploadItem
 from watcher.pipeline.job_follower import JobFollower
 from watcher.pipeline.link_rate import LinkRate
 from watcher.pipeline.shared_client import SharedClient
-from watcher.pipeline.upload_events import UploadEvents
+from watcher.pipeline.upload_events import FanOutEvents, UploadEvents
 from watcher.pipeline.upload_gate import UploadGate
 from watcher.pipeline.upload_outcomes import UploadOutcomes
 from watcher.pipeline.upload_policy import UploadPolicy
@@ -64,7 +64,7 @@ class Uploader:
         self._store = store
         self._client = SharedClient(client)
         self._policy = policy
-        self._events = events or UploadEvents()
+        self._events = FanOutEvents([]) if events is None else events
         self._clock = clock
         self._link = LinkRate(
             concurrency=policy.concurrency,
