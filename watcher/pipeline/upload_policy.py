@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+_MAX_DOUBLINGS = 64
+
 
 @dataclass(frozen=True)
 class UploadPolicy:
@@ -29,10 +31,10 @@ def backoff_delay(
     """How long every worker holds back after the `consecutive_failures`-th transient failure
     in a row: a growing ceiling with full jitter, at least the server's Retry-After, never more
     than `retry_max_seconds`."""
-    ceiling = min(
-        policy.retry_max_seconds,
-        policy.retry_initial_seconds * 2 ** (consecutive_failures - 1),
-    )
+    # Capped: after ~1,000 failures in a row (a weekend-long outage) 2**n no longer converts to
+    # a float, and the ceiling has long been at retry_max_seconds anyway.
+    doublings = min(consecutive_failures - 1, _MAX_DOUBLINGS)
+    ceiling = min(policy.retry_max_seconds, policy.retry_initial_seconds * 2**doublings)
     delay = random.uniform(0, ceiling)  # full jitter: a fleet does not retry in step
     if retry_after_seconds is not None:
         delay = min(max(delay, retry_after_seconds), policy.retry_max_seconds)
