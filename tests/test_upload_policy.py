@@ -3,8 +3,7 @@ and never past retry_max_seconds."""
 
 from __future__ import annotations
 
-from watcher.pipeline import UploadPolicy
-from watcher.pipeline.upload_policy import backoff_delay
+from watcher.pipeline import UploadPolicy, backoff_delay
 
 POLICY = UploadPolicy(retry_initial_seconds=1.0, retry_max_seconds=300.0)
 

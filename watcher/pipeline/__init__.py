@@ -2,6 +2,11 @@
 uploader (claim, send, confirm) -> after-upload and free space; `wiring` builds each stage from
 its part of the settings.
 
+The upload stage spans a few modules: `uploader` (the workers: claim, send), `upload_gate` (when
+a worker may claim), `upload_outcomes` (what an answer or failure becomes), `job_follower`
+(asynchronous jobs), `shared_client` (the client across key changes), `upload_policy`,
+`link_rate` (request size on a thin link) and `upload_events` (who hears about it).
+
 May import: `watcher.nucleus`, `watcher.store` and everything below them.
 """
 
@@ -21,4 +26,5 @@ from watcher.pipeline.settle import Settler as Settler
 from watcher.pipeline.upload_events import FanOutEvents as FanOutEvents
 from watcher.pipeline.upload_events import UploadEvents as UploadEvents
 from watcher.pipeline.upload_policy import UploadPolicy as UploadPolicy
+from watcher.pipeline.upload_policy import backoff_delay as backoff_delay
 from watcher.pipeline.uploader import Uploader as Uploader
