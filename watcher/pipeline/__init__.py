@@ -2,12 +2,16 @@
 uploader (claim, send, confirm) -> after-upload and free space; `wiring` builds each stage from
 its part of the settings.
 
+The upload stage spans a few modules: `uploader` (the workers: claim, send), `upload_gate` (when
+a worker may claim), `upload_outcomes` (what an answer or failure becomes), `job_follower`
+(asynchronous jobs), `shared_client` (the client across key changes), `upload_policy`,
+`link_rate` (request size on a thin link) and `upload_events` (who hears about it).
+
 May import: `watcher.nucleus`, `watcher.store` and everything below them.
 """
 
-from watcher.pipeline.disk import AfterUpload as AfterUpload
-from watcher.pipeline.disk import FanOutEvents as FanOutEvents
-from watcher.pipeline.disk import FreeSpaceGuard as FreeSpaceGuard
+from watcher.pipeline.after_upload import AfterUpload as AfterUpload
+from watcher.pipeline.free_space import FreeSpaceGuard as FreeSpaceGuard
 from watcher.pipeline.intake import Intake as Intake
 from watcher.pipeline.intake import WatchSpec as WatchSpec
 from watcher.pipeline.link_rate import START_RATE_BYTES_PER_SECOND as START_RATE_BYTES_PER_SECOND
@@ -19,6 +23,8 @@ from watcher.pipeline.reconcile import file_sha256 as file_sha256
 from watcher.pipeline.reconcile import plans_for as plans_for
 from watcher.pipeline.settle import CLOSE_GRACE_SECONDS as CLOSE_GRACE_SECONDS
 from watcher.pipeline.settle import Settler as Settler
+from watcher.pipeline.upload_events import FanOutEvents as FanOutEvents
+from watcher.pipeline.upload_events import UploadEvents as UploadEvents
+from watcher.pipeline.upload_policy import UploadPolicy as UploadPolicy
+from watcher.pipeline.upload_policy import backoff_delay as backoff_delay
 from watcher.pipeline.uploader import Uploader as Uploader
-from watcher.pipeline.uploader import UploadEvents as UploadEvents
-from watcher.pipeline.uploader import UploadPolicy as UploadPolicy

@@ -14,7 +14,9 @@ from watcher.files import PathFilter
 from watcher.nucleus import NucleusClient, TokenBucket
 from watcher.pipeline.reconcile import Reconciler, WatchPlan
 from watcher.pipeline.settle import Settler
-from watcher.pipeline.uploader import Uploader, UploadEvents, UploadPolicy
+from watcher.pipeline.upload_events import UploadEvents
+from watcher.pipeline.upload_policy import UploadPolicy
+from watcher.pipeline.uploader import Uploader
 from watcher.store import StateStore, watch_key, watch_key_aliases
 
 

@@ -73,8 +73,12 @@ class SecretRedactor:
 
     def add(self, secret: str) -> None:
         """Also redact this secret (earlier ones stay redacted)."""
+        secret = secret.strip()
+        if not secret:
+            # An empty pattern would match between every character of every line.
+            return
         with self._update_lock:
-            self._add_locked(secret)
+            self._set_forms(self._forms | _wire_forms(secret))
 
     def redact_text(self, text: str) -> str:
         pattern = self._pattern
@@ -108,13 +112,6 @@ class SecretRedactor:
         # Typed `object` because structlog's Processor type promises an event dict here; after
         # a renderer it is the rendered text.
         return self.redact_text(rendered if isinstance(rendered, str) else _describe(rendered))
-
-    def _add_locked(self, secret: str) -> None:
-        secret = secret.strip()
-        if not secret:
-            # An empty pattern would match between every character of every line.
-            return
-        self._set_forms(self._forms | _wire_forms(secret))
 
     def _set_forms(self, forms: frozenset[str]) -> None:
         self._forms = forms
@@ -188,6 +185,21 @@ def configure_logging(
     for secret in secrets:
         _REDACTOR.add(secret)
 
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    _configure_structlog(timestamper)
+    handler = _WatcherLogHandler(target)
+    handler.setFormatter(_formatter(use_console, is_tty, timestamper))
+    root = logging.getLogger()
+    _remove_our_handlers(root)
+    root.addHandler(handler)
+    root.setLevel(max(_FOREIGN_MIN_LEVEL, level_number))
+    logging.getLogger(_OWN_LOGGER_NAME).setLevel(level_number)
+
+
+def _formatter(
+    use_console: bool, is_tty: bool, timestamper: Processor
+) -> structlog.stdlib.ProcessorFormatter:
+    """The one formatter every line goes through: ours and foreign stdlib ones alike."""
     renderer: Processor
     if use_console:
         renderer = structlog.dev.ConsoleRenderer(
@@ -201,7 +213,6 @@ def configure_logging(
         # writing those raw to a UTF-8 stream would raise and lose the whole line.
         renderer = structlog.processors.JSONRenderer()
 
-    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     final_processors: list[Processor] = [
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
         # Tracebacks become text before redaction, so a key quoted in an exception is caught.
@@ -212,7 +223,7 @@ def configure_logging(
         final_processors.append(_put_leading_fields_first)
     final_processors += [renderer, _REDACTOR.redact_rendered]
 
-    formatter = structlog.stdlib.ProcessorFormatter(
+    return structlog.stdlib.ProcessorFormatter(
         # Lines from stdlib loggers (watchdog, urllib3) get the same fields as ours.
         foreign_pre_chain=[
             structlog.stdlib.add_log_level,
@@ -222,6 +233,8 @@ def configure_logging(
         processors=final_processors,
     )
 
+
+def _configure_structlog(timestamper: Processor) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -239,14 +252,6 @@ def configure_logging(
         # pin them to whatever configuration was current at their first call.
         cache_logger_on_first_use=False,
     )
-
-    handler = _WatcherLogHandler(target)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    _remove_our_handlers(root)
-    root.addHandler(handler)
-    root.setLevel(max(_FOREIGN_MIN_LEVEL, level_number))
-    logging.getLogger(_OWN_LOGGER_NAME).setLevel(level_number)
 
 
 def reset_logging() -> None:

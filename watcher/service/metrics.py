@@ -97,8 +97,37 @@ class Metrics:
 
     def __init__(self, *, version: str = __version__) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
+        # Defined in groups, in the order a scrape lists them.
+        self._define_file_counters()
+        self._define_request_metrics()
+        self._define_watch_metrics()
+        self.build_info = Info(
+            PREFIX + "build",
+            "The running nucleus-watcher version.",
+            registry=self.registry,
+        )
+        self.build_info.info({"version": version})
 
+        self._queue_depth = _ScrapeTimeGauge(
+            PREFIX + "queue_depth", "Files in the state store, by state.", ("state",)
+        )
+        self._oldest_pending_age = _ScrapeTimeGauge(
+            PREFIX + "oldest_pending_age_seconds",
+            "Age of the oldest file waiting for upload; 0 when nothing waits.",
+            (),
+        )
+        self.registry.register(self._queue_depth)
+        self.registry.register(self._oldest_pending_age)
+        # Memory, open files and CPU of this process: the first thing to look at on a box that
+        # has been running for months.
+        ProcessCollector(registry=self.registry)
+
+        self.port: int | None = None
+        self._server: WSGIServer | None = None
+        self._server_thread: threading.Thread | None = None
+
+    def _define_file_counters(self) -> None:
+        registry = self.registry
         self.files_seen_total = Counter(
             PREFIX + "files_seen",
             "Files noticed in a watch folder (event or scan), before settling.",
@@ -135,6 +164,9 @@ class Metrics:
             ["dataset"],
             registry=registry,
         )
+
+    def _define_request_metrics(self) -> None:
+        registry = self.registry
         self.bytes_sent_total = Counter(
             PREFIX + "bytes_sent",
             "Request body bytes written to the Nucleus API.",
@@ -158,6 +190,9 @@ class Metrics:
             ["status"],
             registry=registry,
         )
+
+    def _define_watch_metrics(self) -> None:
+        registry = self.registry
         self.watcher_restarts_total = Counter(
             PREFIX + "watcher_restarts",
             "Times a folder observer was restarted (crash, overflow, vanished root).",
@@ -176,30 +211,6 @@ class Metrics:
             ["watch"],
             registry=registry,
         )
-        self.build_info = Info(
-            PREFIX + "build",
-            "The running nucleus-watcher version.",
-            registry=registry,
-        )
-        self.build_info.info({"version": version})
-
-        self._queue_depth = _ScrapeTimeGauge(
-            PREFIX + "queue_depth", "Files in the state store, by state.", ("state",)
-        )
-        self._oldest_pending_age = _ScrapeTimeGauge(
-            PREFIX + "oldest_pending_age_seconds",
-            "Age of the oldest file waiting for upload; 0 when nothing waits.",
-            (),
-        )
-        registry.register(self._queue_depth)
-        registry.register(self._oldest_pending_age)
-        # Memory, open files and CPU of this process: the first thing to look at on a box that
-        # has been running for months.
-        ProcessCollector(registry=registry)
-
-        self.port: int | None = None
-        self._server: WSGIServer | None = None
-        self._server_thread: threading.Thread | None = None
 
     def set_queue_depth_source(self, fn: Callable[[], Mapping[str, int]]) -> None:
         """`fn` returns {state: count}; called on every scrape."""
