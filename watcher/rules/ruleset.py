@@ -19,20 +19,19 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from watcher.errors import ConfigError, PathRuleError, TemplateError
 from watcher.wire import REMOTE_URL_PREFIXES
 
-if TYPE_CHECKING:
-    from watcher.config import WatchSettings
-
 __all__ = [
     "BUILTIN_VARIABLES",
     "Classification",
+    "RuleFields",
     "RuleSet",
     "Template",
+    "WatchRules",
     "check_type_consistency",
     "dotted_key",
     "join_key",
@@ -65,6 +64,31 @@ _BOOL_WORDS = {
 _TYPE_NAMES: dict[str, type] = {"int": int, "float": float, "bool": bool}
 
 MetadataValue = str | int | float | bool
+
+
+class RuleFields(Protocol):
+    """What the rules read of one `[[watch.rules]]` entry (config's RuleSettings has these)."""
+
+    @property
+    def match(self) -> str | None: ...
+    @property
+    def regex(self) -> str | None: ...
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
+
+
+class WatchRules(Protocol):
+    """What the rules read of one `[[watch]]` (config's WatchSettings has these): the rules
+    package sits below config, so it names the fields it needs instead of importing the model."""
+
+    @property
+    def reference_id(self) -> str: ...
+    @property
+    def remote_url(self) -> str: ...
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
+    @property
+    def rules(self) -> Sequence[RuleFields]: ...
 
 
 def dotted_key(parts: Iterable[str | int]) -> str:
@@ -369,7 +393,7 @@ def _kind(value_type: type) -> str:
 class _WatchCompiler:
     """Collects every problem of one watch as (key relative to the watch, message)."""
 
-    def __init__(self, watch: WatchSettings) -> None:
+    def __init__(self, watch: WatchRules) -> None:
         self.watch = watch
         self.problems: list[tuple[str, str]] = []
         self.uses_sha256 = False
@@ -482,7 +506,7 @@ class _WatchCompiler:
         return _CompiledRule(key, pattern, is_glob, metadata)
 
 
-def _compile_watch(watch: WatchSettings) -> tuple[_CompiledWatch | None, list[tuple[str, str]]]:
+def _compile_watch(watch: WatchRules) -> tuple[_CompiledWatch | None, list[tuple[str, str]]]:
     compiler = _WatchCompiler(watch)
     reference_id = compiler.plain_text_template("reference_id", watch.reference_id)
     if reference_id is not None and len(reference_id.literal_text) > MAX_REFERENCE_ID_CHARS:
@@ -536,7 +560,7 @@ def _compile_watch(watch: WatchSettings) -> tuple[_CompiledWatch | None, list[tu
     return compiled, []
 
 
-def watch_problems(watch: WatchSettings) -> list[tuple[str, str]]:
+def watch_problems(watch: WatchRules) -> list[tuple[str, str]]:
     """Every rule/template problem of one watch, as (key relative to the watch, message)."""
     return _compile_watch(watch)[1]
 
@@ -608,7 +632,7 @@ class _PathVariables:
 class RuleSet:
     """The compiled rules of one watch. Building it checks everything; `classify` only renders."""
 
-    def __init__(self, watch: WatchSettings, device: str, where: str) -> None:
+    def __init__(self, watch: WatchRules, device: str, where: str) -> None:
         compiled, problems = _compile_watch(watch)
         if compiled is None:
             raise ConfigError(
