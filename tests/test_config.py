@@ -17,7 +17,6 @@ from watcher.config import (
     NucleusSettings,
     Settings,
     check_files,
-    describe_watch,
     load_settings,
     parse_bandwidth_limit,
     parse_endpoint,
@@ -63,7 +62,6 @@ def test_example_file_loads_as_is() -> None:
     assert settings.metrics.listen_address == ("127.0.0.1", 9464)
     assert settings.state.path == Path("/var/lib/nucleus-watcher/state.db")
     assert settings.watch[0].path == Path("/srv/camera")
-    assert describe_watch(settings, 0) == "watch[0] (/srv/camera)"
     result = settings.rule_sets[0].classify("Foggy/2024-05-01/frame_12.jpg", mtime_ns=0)
     assert result.reference_id == "Foggy/2024-05-01/frame_12.jpg"
     assert result.metadata == {

@@ -11,8 +11,6 @@ from watcher.config.models import Settings as Settings
 from watcher.config.models import WatchSettings as WatchSettings
 from watcher.config.models import ca_bundle_problems as ca_bundle_problems
 from watcher.config.models import check_files as check_files
-from watcher.config.models import compile_rules as compile_rules
-from watcher.config.models import describe_watch as describe_watch
 from watcher.config.models import load_settings as load_settings
 from watcher.config.models import parse_bandwidth_limit as parse_bandwidth_limit
 from watcher.config.models import parse_endpoint as parse_endpoint

@@ -44,6 +44,7 @@ from pydantic import (
 
 from watcher.errors import ConfigError
 from watcher.files import pathfilter
+from watcher.rules import CompiledWatch
 from watcher.rules import ruleset as rules
 
 __all__ = [
@@ -60,8 +61,6 @@ __all__ = [
     "UploadSettings",
     "WatchSettings",
     "check_files",
-    "compile_rules",
-    "describe_watch",
     "load_settings",
     "parse_bandwidth_limit",
     "parse_endpoint",
@@ -440,6 +439,8 @@ class WatchSettings(_Section):
     remote_url: str = ""
     rules: tuple[RuleSettings, ...] = ()
 
+    _compiled: CompiledWatch = PrivateAttr()
+
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -481,7 +482,8 @@ class WatchSettings(_Section):
 
     @model_validator(mode="after")
     def _rules_compile(self) -> WatchSettings:
-        problems = list(rules.watch_problems(self))
+        compiled = rules.compile_watch(self)
+        problems = [] if isinstance(compiled, CompiledWatch) else compiled
         deep = [pattern for pattern in self.include if pathfilter.min_depth(pattern) > 1]
         if deep and not self.recursive:
             problems.append(
@@ -491,9 +493,15 @@ class WatchSettings(_Section):
                     f"watches only the files directly in {self.path}",
                 )
             )
-        if problems:
+        if problems or not isinstance(compiled, CompiledWatch):
             raise _KeyedProblems(problems)
+        self._compiled = compiled
         return self
+
+    @property
+    def compiled_rules(self) -> CompiledWatch:
+        """Its templates and rules, compiled once, when the model was validated."""
+        return self._compiled
 
 
 class Settings(_Section):
@@ -539,13 +547,13 @@ class Settings(_Section):
         problems.extend(_same_dataset_overlaps(self.watch))
         self._device = self.device_id or socket.gethostname()
         self._rule_sets = tuple(
-            rules.RuleSet(watch, self._device, f"watch[{index}]")
+            rules.RuleSet(watch.compiled_rules, self._device, f"watch[{index}]")
             for index, watch in enumerate(self.watch)
         )
         problems.extend(
             rules.type_conflicts(
                 [
-                    (rule_set.where, watch.dataset_id, rule_set)
+                    (rule_set.where, watch.dataset_id, rule_set.compiled)
                     for watch, rule_set in zip(self.watch, self._rule_sets, strict=True)
                 ]
             )
@@ -604,16 +612,6 @@ def _overlap(watch: WatchSettings, other: WatchSettings, other_name: str) -> str
     if watch.recursive and other_root.is_relative_to(root):
         return f"{watch.path} holds {other_name}"
     return None
-
-
-def compile_rules(settings: Settings) -> list[rules.RuleSet]:
-    """The RuleSet of each [[watch]], in order (compiled when the settings were loaded)."""
-    return list(settings.rule_sets)
-
-
-def describe_watch(settings: Settings, index: int) -> str:
-    """ "watch[0] (/srv/camera)": how messages name a watch."""
-    return _describe(index, settings.watch[index])
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,21 +22,21 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from watcher.errors import ConfigError, PathRuleError, TemplateError
+from watcher.errors import PathRuleError, TemplateError
 from watcher.wire import REMOTE_URL_PREFIXES
 
 __all__ = [
     "BUILTIN_VARIABLES",
     "Classification",
+    "CompiledWatch",
     "RuleFields",
     "RuleSet",
     "Template",
     "WatchRules",
-    "check_type_consistency",
+    "compile_watch",
     "dotted_key",
     "join_key",
     "type_conflicts",
-    "watch_problems",
 ]
 
 BUILTIN_VARIABLES = frozenset(
@@ -372,7 +372,9 @@ class _CompiledRule:
 
 
 @dataclass(frozen=True)
-class _CompiledWatch:
+class CompiledWatch:
+    """One watch's templates and rules, checked; a RuleSet renders from it."""
+
     reference_id: Template
     remote_url: Template | None
     metadata: tuple[tuple[str, Template | int | float | bool], ...]
@@ -506,7 +508,8 @@ class _WatchCompiler:
         return _CompiledRule(key, pattern, is_glob, metadata)
 
 
-def _compile_watch(watch: WatchRules) -> tuple[_CompiledWatch | None, list[tuple[str, str]]]:
+def compile_watch(watch: WatchRules) -> CompiledWatch | list[tuple[str, str]]:
+    """The watch compiled, or every rule/template problem as (key relative to it, message)."""
     compiler = _WatchCompiler(watch)
     reference_id = compiler.plain_text_template("reference_id", watch.reference_id)
     if reference_id is not None and len(reference_id.literal_text) > MAX_REFERENCE_ID_CHARS:
@@ -547,8 +550,8 @@ def _compile_watch(watch: WatchRules) -> tuple[_CompiledWatch | None, list[tuple
         for index, rule in enumerate(watch.rules)
     ]
     if compiler.problems or reference_id is None:
-        return None, compiler.problems
-    compiled = _CompiledWatch(
+        return compiler.problems
+    return CompiledWatch(
         reference_id=reference_id,
         remote_url=remote_url,
         metadata=static,
@@ -557,12 +560,6 @@ def _compile_watch(watch: WatchRules) -> tuple[_CompiledWatch | None, list[tuple
         type_sources=compiler.type_sources,
         metadata_types=compiler.metadata_types,
     )
-    return compiled, []
-
-
-def watch_problems(watch: WatchRules) -> list[tuple[str, str]]:
-    """Every rule/template problem of one watch, as (key relative to the watch, message)."""
-    return _compile_watch(watch)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,15 +627,14 @@ class _PathVariables:
 
 
 class RuleSet:
-    """The compiled rules of one watch. Building it checks everything; `classify` only renders."""
+    """One watch's compiled rules with the device they render `{device}` as.
 
-    def __init__(self, watch: WatchRules, device: str, where: str) -> None:
-        compiled, problems = _compile_watch(watch)
-        if compiled is None:
-            raise ConfigError(
-                [f"at '{join_key(where, key)}': {message}" for key, message in problems]
-            )
-        self._compiled = compiled
+    Everything was checked by `compile_watch`; `classify` only renders. `where` ("watch[0]")
+    names the watch in a PathRuleError.
+    """
+
+    def __init__(self, compiled: CompiledWatch, device: str, where: str) -> None:
+        self.compiled = compiled
         self._device = device
         self.where = where
         self.needs_sha256: bool = compiled.needs_sha256
@@ -649,8 +645,8 @@ class RuleSet:
     ) -> Classification:
         variables = _PathVariables(relpath, self._device, mtime_ns, sha256)
         metadata: dict[str, Any] = {}
-        self._merge(metadata, self._compiled.metadata, variables.get, self.where)
-        for rule in self._compiled.rules:
+        self._merge(metadata, self.compiled.metadata, variables.get, self.where)
+        for rule in self.compiled.rules:
             captures = rule.captures(relpath)
             if captures is None:
                 continue
@@ -686,7 +682,7 @@ class RuleSet:
                 metadata[name] = value
 
     def _reference_id(self, variables: _PathVariables) -> str:
-        rendered = self._compiled.reference_id.render(variables.get, "reference_id")
+        rendered = self.compiled.reference_id.render(variables.get, "reference_id")
         text = rendered if isinstance(rendered, str) else ""
         if not text:
             raise PathRuleError("reference_id renders empty for this path")
@@ -703,7 +699,7 @@ class RuleSet:
         return text
 
     def _remote_url(self, variables: _PathVariables) -> str | None:
-        template = self._compiled.remote_url
+        template = self.compiled.remote_url
         if template is None:
             return None
         # An http(s) URL needs its path percent-encoded (spaces, '#', '%'); bucket URLs name
@@ -723,13 +719,16 @@ class RuleSet:
         return url
 
 
-def type_conflicts(rule_sets: Sequence[tuple[str, str, RuleSet]]) -> list[tuple[str, str]]:
-    """Like check_type_consistency, as (full key, message) pairs."""
+def type_conflicts(
+    watches: Sequence[tuple[str, str, CompiledWatch]],
+) -> list[tuple[str, str]]:
+    """(where, dataset_id, compiled watch) -> (full key, message) for each metadata key that two
+    watches of one dataset type differently, reported once per key."""
     first_by_dataset: dict[tuple[str, str], tuple[str, type]] = {}
     reported: set[tuple[str, str]] = set()
     problems: list[tuple[str, str]] = []
-    for where, dataset_id, rule_set in rule_sets:
-        for name, (key, value_type) in rule_set._compiled.type_sources.items():
+    for where, dataset_id, compiled in watches:
+        for name, (key, value_type) in compiled.type_sources.items():
             slot = (dataset_id, name)
             first = first_by_dataset.get(slot)
             if first is None:
@@ -748,8 +747,3 @@ def type_conflicts(rule_sets: Sequence[tuple[str, str, RuleSet]]) -> list[tuple[
                 )
             )
     return problems
-
-
-def check_type_consistency(rule_sets: Sequence[tuple[str, str, RuleSet]]) -> list[str]:
-    """(where, dataset_id, rule set) -> one line per metadata key typed differently in a dataset."""
-    return [f"at '{key}': {message}" for key, message in type_conflicts(rule_sets)]
