@@ -5,12 +5,13 @@ Unknown keys are errors (a misspelt key must not silently fall back to a default
 depend on each other, the rules and their templates included, are checked when the models are
 built: a bad config stops the daemon at start, not on the first file.
 
-Environment layer: `NUCLEUS_WATCHER_<SECTION>__<KEY>` (and `NUCLEUS_WATCHER_WATCH__<i>__<KEY>`,
-`NUCLEUS_WATCHER_DEVICE_ID`) override file values, and `NUCLEUS_ENDPOINT` sets nucleus.endpoint as
-the official client reads it. It is applied to the parsed file before validation, rather than
-through pydantic-settings' own environment source, so that a caller can pass the mapping to use
-(tests, reload), a bad value is reported under its key *and* the variable that set it, and the
-precedence between the two endpoint variables is explicit.
+`Settings` is a pydantic-settings `BaseSettings` with two sources: the parsed file, and on top of
+it the environment: `NUCLEUS_WATCHER_<SECTION>__<KEY>` (and `NUCLEUS_WATCHER_WATCH__<i>__<KEY>`,
+`NUCLEUS_WATCHER_DEVICE_ID`), and `NUCLEUS_ENDPOINT` for nucleus.endpoint as the official client
+reads it. The environment source is our own rather than pydantic-settings' so that it can reach
+the i-th `[[watch]]`, read the mapping a caller passes (tests, reload), report a bad value under
+its key *and* the variable that set it, and keep the precedence of the two endpoint variables
+explicit.
 
 Problems are reported as `config.toml: at 'watch[0].rules[1].regex': message`, one per line.
 """
@@ -26,7 +27,9 @@ import socket
 import ssl
 import stat
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +44,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from watcher.errors import ConfigError
 from watcher.files import pathfilter
@@ -504,7 +509,15 @@ class WatchSettings(_Section):
         return self._compiled
 
 
-class Settings(_Section):
+class Settings(BaseSettings):
+    """The whole config: a TOML file with the environment on top (see IndexedEnvironmentSource).
+
+    Build it with `load_settings` or `settings_from_mapping`; `Settings(...)` alone validates
+    only the keywords it is given and reads no environment.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
     device_id: str = ""
     nucleus: NucleusSettings = NucleusSettings()
     upload: UploadSettings = UploadSettings()
@@ -518,6 +531,19 @@ class Settings(_Section):
 
     _device: str = PrivateAttr(default="")
     _rule_sets: tuple[rules.RuleSet, ...] = PrivateAttr(default=())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # pydantic-settings' env, dotenv and secrets sources are left out: they would accept
+        # variable names the config does not document.
+        return _LOAD_SOURCES.get() or (init_settings,)
 
     @field_validator("device_id")
     @classmethod
@@ -618,8 +644,6 @@ def _overlap(watch: WatchSettings, other: WatchSettings, other_name: str) -> str
 # Environment overrides
 
 
-_SECTION_NAMES = ("nucleus", "upload", "settle", "scan", "state", "log", "metrics", "disk")
-_TOP_LEVEL_SCALARS = ("device_id",)
 # Paths in the file may be relative to the file itself (handy next to a project); the models
 # then only ever see absolute paths.
 _FILE_RELATIVE_PATHS = (
@@ -630,66 +654,9 @@ _FILE_RELATIVE_PATHS = (
 )
 
 
-def _apply_environment(
-    data: dict[str, Any], environ: Mapping[str, str]
-) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """Write overrides into `data`; returns {dotted key: variable} and problems with variables."""
-    origins: dict[str, str] = {}
-    problems: list[tuple[str, str]] = []
-
-    def section_table(name: str, key: str) -> dict[str, Any] | None:
-        table = data.setdefault(name, {})
-        if not isinstance(table, dict):
-            problems.append((name, f"is not a table, so {key} cannot set a key in it"))
-            return None
-        return table
-
-    endpoint_override = environ.get(ENV_ENDPOINT, "")
-    if endpoint_override and f"{ENV_PREFIX}NUCLEUS__ENDPOINT" not in environ:
-        table = section_table("nucleus", ENV_ENDPOINT)
-        if table is not None:
-            table["endpoint"] = endpoint_override
-            origins["nucleus.endpoint"] = ENV_ENDPOINT
-
-    for variable in sorted(environ):
-        if not variable.startswith(ENV_PREFIX):
-            continue
-        value = environ[variable]
-        parts = variable[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) == 1:
-            # Single names are left for other uses, except the top-level keys themselves.
-            if parts[0] in _TOP_LEVEL_SCALARS:
-                data[parts[0]] = value
-                origins[parts[0]] = variable
-            continue
-        if len(parts) == 2 and parts[0] in _SECTION_NAMES:
-            table = section_table(parts[0], variable)
-            if table is not None:
-                table[parts[1]] = value
-                origins[rules.dotted_key(parts)] = variable
-            continue
-        if len(parts) == 3 and parts[0] == "watch" and parts[1].isdigit():
-            index = int(parts[1])
-            watches = data.get("watch")
-            if not isinstance(watches, list) or index >= len(watches):
-                problems.append(
-                    (f"watch[{index}]", f"is not in the file, so {variable} has nothing to set")
-                )
-            elif isinstance(watches[index], dict):
-                watches[index][parts[2]] = value
-                origins[rules.dotted_key(["watch", index, parts[2]])] = variable
-            continue
-        problems.append(
-            (
-                rules.dotted_key(parts),
-                f"{variable} names no setting; use {ENV_PREFIX}<SECTION>__<KEY> or "
-                f"{ENV_PREFIX}WATCH__<index>__<KEY>",
-            )
-        )
-    return origins, problems
-
-
-def _anchor_relative_paths(data: dict[str, Any], base_dir: Path) -> None:
+def _anchor_relative_paths(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    if base_dir is None:
+        return data
     for section, key in _FILE_RELATIVE_PATHS:
         table = data.get(section)
         if not isinstance(table, dict):
@@ -697,6 +664,136 @@ def _anchor_relative_paths(data: dict[str, Any], base_dir: Path) -> None:
         value = table.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
             table[key] = str(base_dir / value)
+    return data
+
+
+class FileSource(PydanticBaseSettingsSource):
+    """The parsed TOML file, its relative paths anchored to the file's folder."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], document: Mapping[str, Any], base_dir: Path | None
+    ) -> None:
+        super().__init__(settings_cls)
+        self._document = document
+        self._base_dir = base_dir
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Not asked for: __call__ hands over the whole document at once.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _anchor_relative_paths(_deep_copy_tables(self._document), self._base_dir)
+
+
+class IndexedEnvironmentSource(PydanticBaseSettingsSource):
+    """`NUCLEUS_WATCHER_<SECTION>__<KEY>`, `NUCLEUS_WATCHER_WATCH__<i>__<KEY>`,
+    `NUCLEUS_WATCHER_DEVICE_ID` and `NUCLEUS_ENDPOINT`, read from the mapping it is given.
+
+    pydantic-settings' own environment source cannot reach the i-th `[[watch]]` of a file (a list
+    is replaced whole), so this one reads the file's document to override single keys of its
+    entries. It also keeps what the messages need: `origins`, {dotted key: variable that set it},
+    and `problems`, the variables that name nothing or cannot apply.
+    """
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        environ: Mapping[str, str],
+        document: Mapping[str, Any],
+        base_dir: Path | None,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._environ = environ
+        self._document = document
+        self._base_dir = base_dir
+        fields = settings_cls.model_fields
+        self._sections = {
+            name
+            for name, field in fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        }
+        self._scalars = set(fields) - self._sections - {"watch"}
+        self.origins: dict[str, str] = {}
+        self.problems: list[tuple[str, str]] = []
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Not asked for: __call__ reads every variable at once, in a fixed order.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        self.origins, self.problems = {}, []
+        overrides: dict[str, Any] = {}
+        endpoint = self._environ.get(ENV_ENDPOINT, "")
+        if endpoint and f"{ENV_PREFIX}NUCLEUS__ENDPOINT" not in self._environ:
+            self._set_in_section(overrides, ["nucleus", "endpoint"], endpoint, ENV_ENDPOINT)
+        for variable in sorted(self._environ):
+            if variable.startswith(ENV_PREFIX):
+                self._apply(overrides, variable, self._environ[variable])
+        return _anchor_relative_paths(overrides, self._base_dir)
+
+    def _apply(self, overrides: dict[str, Any], variable: str, value: str) -> None:
+        parts = variable[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) == 1:
+            # Single names are left for other uses, except the top-level keys themselves.
+            if parts[0] in self._scalars:
+                overrides[parts[0]] = value
+                self.origins[parts[0]] = variable
+        elif len(parts) == 2 and parts[0] in self._sections:
+            self._set_in_section(overrides, parts, value, variable)
+        elif len(parts) == 3 and parts[0] == "watch" and parts[1].isdigit():
+            self._set_in_watch(overrides, int(parts[1]), parts[2], value, variable)
+        else:
+            self.problems.append(
+                (
+                    rules.dotted_key(parts),
+                    f"{variable} names no setting; use {ENV_PREFIX}<SECTION>__<KEY> or "
+                    f"{ENV_PREFIX}WATCH__<index>__<KEY>",
+                )
+            )
+
+    def _set_in_section(
+        self, overrides: dict[str, Any], parts: list[str], value: str, variable: str
+    ) -> None:
+        section, key = parts
+        if not isinstance(self._document.get(section, {}), Mapping):
+            self.problems.append((section, f"is not a table, so {variable} cannot set a key in it"))
+            return
+        overrides.setdefault(section, {})[key] = value
+        self.origins[rules.dotted_key(parts)] = variable
+
+    def _set_in_watch(
+        self, overrides: dict[str, Any], index: int, key: str, value: str, variable: str
+    ) -> None:
+        watches = self._document.get("watch")
+        if not isinstance(watches, list) or index >= len(watches):
+            self.problems.append(
+                (f"watch[{index}]", f"is not in the file, so {variable} has nothing to set")
+            )
+            return
+        if not isinstance(watches[index], Mapping):
+            return  # the file's own error says what is wrong with this entry
+        # A list is replaced whole when sources merge, so this gives every entry of the file.
+        entries = overrides.setdefault("watch", _deep_copy_tables(watches))
+        entries[index][key] = value
+        self.origins[rules.dotted_key(["watch", index, key])] = variable
+
+
+# pydantic-settings calls settings_customise_sources with fixed arguments; this is how a load
+# hands it sources built for one document, folder and environment mapping (tests and reloads
+# pass their own mapping).
+_LOAD_SOURCES: ContextVar[tuple[PydanticBaseSettingsSource, ...]] = ContextVar(
+    "_LOAD_SOURCES", default=()
+)
+
+
+@contextmanager
+def _reading(*sources: PydanticBaseSettingsSource) -> Iterator[None]:
+    """Within the block, `Settings()` reads these sources, the first winning over the rest."""
+    token = _LOAD_SOURCES.set(sources)
+    try:
+        yield
+    finally:
+        _LOAD_SOURCES.reset(token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -812,20 +909,21 @@ def settings_from_mapping(
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Validate already-parsed TOML data; `name` starts every problem line like a file name."""
-    raw: dict[str, Any] = _deep_copy_tables(data)
-    origins, problems = _apply_environment(raw, os.environ if environ is None else environ)
-    if base_dir is not None:
-        _anchor_relative_paths(raw, base_dir)
+    environment = IndexedEnvironmentSource(
+        Settings, os.environ if environ is None else environ, data, base_dir
+    )
     try:
-        settings = Settings.model_validate(raw)
+        with _reading(environment, FileSource(Settings, data, base_dir)):
+            settings = Settings()
     except ValidationError as exc:
-        problems.extend(_problems_from(exc))
+        problems = environment.problems + _problems_from(exc)
     else:
-        if not problems:
+        if not environment.problems:
             return settings
+        problems = environment.problems
     lines = []
     for key, message in problems:
-        origin = origins.get(key)
+        origin = environment.origins.get(key)
         suffix = f" (set by {origin})" if origin else ""
         lines.append(f"{name}: at '{key}': {message}{suffix}")
     raise ConfigError(lines)
