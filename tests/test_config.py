@@ -611,6 +611,23 @@ def test_the_given_mapping_is_read_instead_of_the_process_environment(
     assert load_settings(config_file).upload.concurrency == 9
 
 
+def test_settings_built_directly_read_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NUCLEUS_WATCHER_UPLOAD__CONCURRENCY", "9")
+    monkeypatch.setenv("UPLOAD", '{"concurrency": 9}')
+
+    settings = Settings(watch=[{"path": "/srv/camera", "dataset_id": "ds_a"}])
+
+    assert settings.upload.concurrency == 4
+
+
+def test_a_long_bad_value_is_clipped_in_its_message(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, f'[upload]\nconcurrency = "{"x" * 100}"\n' + MINIMAL_WATCH)
+
+    assert problems == [
+        f"config.toml: at 'upload.concurrency': must be a whole number (got '{'x' * 55}...')"
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # API key
 

@@ -434,6 +434,15 @@ def test_bad_rules_are_refused_at_load(tmp_path: Path, toml_tail: str, expected:
     assert config_problems(tmp_path, WATCH_HEADER + toml_tail) == [expected]
 
 
+def test_a_long_remote_url_is_clipped_in_its_message(tmp_path: Path) -> None:
+    problems = config_problems(tmp_path, WATCH_HEADER + f'remote_url = "bucket/{"a" * 100}"\n')
+
+    assert problems == [
+        "config.toml: at 'watch[0].remote_url': must start with gs://, s3://, http:// or "
+        f"https:// (got 'bucket/{'a' * 68}...')"
+    ]
+
+
 def test_type_conflict_across_watches_of_one_dataset_is_refused(tmp_path: Path) -> None:
     problems = config_problems(
         tmp_path,
