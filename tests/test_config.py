@@ -17,7 +17,6 @@ from watcher.config import (
     NucleusSettings,
     Settings,
     check_files,
-    describe_watch,
     load_settings,
     parse_bandwidth_limit,
     parse_endpoint,
@@ -63,7 +62,6 @@ def test_example_file_loads_as_is() -> None:
     assert settings.metrics.listen_address == ("127.0.0.1", 9464)
     assert settings.state.path == Path("/var/lib/nucleus-watcher/state.db")
     assert settings.watch[0].path == Path("/srv/camera")
-    assert describe_watch(settings, 0) == "watch[0] (/srv/camera)"
     result = settings.rule_sets[0].classify("Foggy/2024-05-01/frame_12.jpg", mtime_ns=0)
     assert result.reference_id == "Foggy/2024-05-01/frame_12.jpg"
     assert result.metadata == {
@@ -538,6 +536,95 @@ def test_bad_environment_values_name_key_and_variable(tmp_path: Path) -> None:
         "config.toml: at 'upload.concurrency': must be a whole number (got 'many') "
         "(set by NUCLEUS_WATCHER_UPLOAD__CONCURRENCY)",
         "config.toml: at 'upload.speed': unknown key (set by NUCLEUS_WATCHER_UPLOAD__SPEED)",
+    ]
+
+
+def test_the_environment_reaches_the_second_watch_by_its_index(tmp_path: Path) -> None:
+    text = (
+        MINIMAL_WATCH
+        + '[[watch]]\npath = "/srv/b"\ndataset_id = "ds_b"\nreference_id = "b/{relpath}"\n'
+    )
+
+    settings = load(tmp_path, text, {"NUCLEUS_WATCHER_WATCH__1__DATASET_ID": "ds_from_env"})
+
+    assert [watch.dataset_id for watch in settings.watch] == ["ds_a", "ds_from_env"]
+    assert settings.watch[1].path == Path("/srv/b")
+    assert settings.watch[1].reference_id == "b/{relpath}"
+    assert settings.rule_sets[1].classify("x.jpg", mtime_ns=0).reference_id == "b/x.jpg"
+
+
+def test_a_bad_value_for_the_second_watch_names_its_variable(tmp_path: Path) -> None:
+    text = MINIMAL_WATCH + '[[watch]]\npath = "/srv/b"\ndataset_id = "ds_b"\n'
+
+    problems = problems_of(tmp_path, text, {"NUCLEUS_WATCHER_WATCH__1__RECURSIVE": "maybe"})
+
+    assert problems == [
+        "config.toml: at 'watch[1].recursive': must be true or false (got 'maybe') "
+        "(set by NUCLEUS_WATCHER_WATCH__1__RECURSIVE)"
+    ]
+
+
+def test_a_relative_path_from_the_environment_is_relative_to_the_config_file(
+    tmp_path: Path,
+) -> None:
+    settings = load(tmp_path, MINIMAL_WATCH, {"NUCLEUS_WATCHER_STATE__PATH": "state/db.sqlite"})
+
+    assert settings.state.path == tmp_path / "state/db.sqlite"
+
+
+def test_a_variable_cannot_set_a_key_in_a_section_that_is_not_a_table(tmp_path: Path) -> None:
+    problems = problems_of(
+        tmp_path, "nucleus = 5\n" + MINIMAL_WATCH, {"NUCLEUS_ENDPOINT": "http://127.0.0.1:1/v1"}
+    )
+
+    assert problems == [
+        "config.toml: at 'nucleus': is not a table, so NUCLEUS_ENDPOINT cannot set a key in it",
+        "config.toml: at 'nucleus': must be a table (got 5)",
+    ]
+
+
+def test_only_the_documented_variable_names_are_read(tmp_path: Path) -> None:
+    # Names pydantic-settings' own sources would take (field names, any case, JSON sections).
+    settings = load(
+        tmp_path,
+        MINIMAL_WATCH,
+        {
+            "DEVICE_ID": "rig-1",
+            "device_id": "rig-2",
+            "upload": '{"concurrency": 9}',
+            "nucleus_watcher_upload__concurrency": "9",
+            "NUCLEUS_WATCHER_DEVICE_ID": "rig-3",
+        },
+    )
+
+    assert settings.device == "rig-3"
+    assert settings.upload.concurrency == 4
+
+
+def test_the_given_mapping_is_read_instead_of_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NUCLEUS_WATCHER_UPLOAD__CONCURRENCY", "9")
+    config_file = write_config(tmp_path, MINIMAL_WATCH)
+
+    assert load_settings(config_file, environ={}).upload.concurrency == 4
+    assert load_settings(config_file).upload.concurrency == 9
+
+
+def test_settings_built_directly_read_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NUCLEUS_WATCHER_UPLOAD__CONCURRENCY", "9")
+    monkeypatch.setenv("UPLOAD", '{"concurrency": 9}')
+
+    settings = Settings(watch=[{"path": "/srv/camera", "dataset_id": "ds_a"}])
+
+    assert settings.upload.concurrency == 4
+
+
+def test_a_long_bad_value_is_clipped_in_its_message(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, f'[upload]\nconcurrency = "{"x" * 100}"\n' + MINIMAL_WATCH)
+
+    assert problems == [
+        f"config.toml: at 'upload.concurrency': must be a whole number (got '{'x' * 55}...')"
     ]
 
 

@@ -29,12 +29,8 @@ from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import write_jpeg
 from watcher import cli
 from watcher.commands import run_scan
-from watcher.config.models import (
-    _MODEL_BY_CONTAINER,
-    Settings,
-    load_settings,
-    resolve_api_key,
-)
+from watcher.config import Settings, load_settings, resolve_api_key
+from watcher.config.messages import MODEL_BY_CONTAINER
 from watcher.devserver import DevServer
 from watcher.pipeline import FreeSpaceGuard
 from watcher.pipeline import wiring as pipeline
@@ -561,7 +557,7 @@ def test_each_value_is_refused_in_one_line_or_works(
 # The config's own map of sections to models, keyed as this table's rows name them.
 _ROW_PREFIX = {"watch": "watch[0]", "rules": "watch[0].rules[0]"}
 _MODELS: dict[str, type[BaseModel]] = {
-    _ROW_PREFIX.get(container, container): model for container, model in _MODEL_BY_CONTAINER.items()
+    _ROW_PREFIX.get(container, container): model for container, model in MODEL_BY_CONTAINER.items()
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from watcher.config import WatchSettings, load_settings
 from watcher.errors import ConfigError, PathRuleError
-from watcher.rules import Classification, RuleSet, check_type_consistency
+from watcher.rules import Classification, RuleSet, compile_watch
 
 MTIME_NS = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z
 
@@ -27,7 +27,7 @@ WEATHER_RULES: list[dict[str, Any]] = [
 def make_rule_set(device: str = "cam1", **fields: Any) -> RuleSet:
     fields.setdefault("path", "/srv/camera")
     fields.setdefault("dataset_id", "ds_test")
-    return RuleSet(WatchSettings.model_validate(fields), device, "watch[0]")
+    return RuleSet(WatchSettings.model_validate(fields).compiled_rules, device, "watch[0]")
 
 
 def classify(rule_set: RuleSet, relpath: str, **kwargs: Any) -> Classification:
@@ -434,6 +434,15 @@ def test_bad_rules_are_refused_at_load(tmp_path: Path, toml_tail: str, expected:
     assert config_problems(tmp_path, WATCH_HEADER + toml_tail) == [expected]
 
 
+def test_a_long_remote_url_is_clipped_in_its_message(tmp_path: Path) -> None:
+    problems = config_problems(tmp_path, WATCH_HEADER + f'remote_url = "bucket/{"a" * 100}"\n')
+
+    assert problems == [
+        "config.toml: at 'watch[0].remote_url': must start with gs://, s3://, http:// or "
+        f"https:// (got 'bucket/{'a' * 68}...')"
+    ]
+
+
 def test_type_conflict_across_watches_of_one_dataset_is_refused(tmp_path: Path) -> None:
     problems = config_problems(
         tmp_path,
@@ -463,23 +472,23 @@ def test_different_datasets_may_type_a_key_differently(tmp_path: Path) -> None:
     ]
 
 
-def test_check_type_consistency_reports_one_line_per_key() -> None:
-    numbers = make_rule_set(metadata={"a": 1, "b": True})
-    texts = make_rule_set(metadata={"a": "x", "b": "{name}"})
-
-    problems = check_type_consistency(
-        [("watch[0]", "ds_1", numbers), ("watch[1]", "ds_1", texts), ("watch[2]", "ds_2", texts)]
+def test_each_key_typed_differently_in_one_dataset_is_one_line(tmp_path: Path) -> None:
+    problems = config_problems(
+        tmp_path,
+        '[[watch]]\npath = "/srv/a"\ndataset_id = "ds_1"\nmetadata = { a = 1, b = true }\n'
+        '[[watch]]\npath = "/srv/b"\ndataset_id = "ds_1"\nmetadata = { a = "x", b = "{name}" }\n'
+        '[[watch]]\npath = "/srv/c"\ndataset_id = "ds_2"\nmetadata = { a = "x", b = "{name}" }\n',
     )
 
     assert problems == [
-        "at 'watch[1].metadata.a': gives 'a' text, but 'watch[0].metadata.a' gives it a number "
-        "in the same dataset ds_1; a metadata key keeps one type in a dataset",
-        "at 'watch[1].metadata.b': gives 'b' text, but 'watch[0].metadata.b' gives it true/false "
-        "in the same dataset ds_1; a metadata key keeps one type in a dataset",
+        "config.toml: at 'watch[1].metadata.a': gives 'a' text, but 'watch[0].metadata.a' gives "
+        "it a number in the same dataset ds_1; a metadata key keeps one type in a dataset",
+        "config.toml: at 'watch[1].metadata.b': gives 'b' text, but 'watch[0].metadata.b' gives "
+        "it true/false in the same dataset ds_1; a metadata key keeps one type in a dataset",
     ]
 
 
-def test_rule_set_checks_an_unvalidated_watch_itself() -> None:
+def test_compiling_checks_a_watch_that_skipped_validation() -> None:
     # model_construct skips validation, as a caller building settings by hand might.
     watch = WatchSettings.model_construct(
         path=Path("/srv/x"),
@@ -490,10 +499,24 @@ def test_rule_set_checks_an_unvalidated_watch_itself() -> None:
         rules=(),
     )
 
-    with pytest.raises(ConfigError) as caught:
-        RuleSet(watch, "cam1", "watch[3]")
-
-    assert caught.value.problems == [
-        "at 'watch[3].reference_id': unknown variable {nope} "
-        "(a capture is only known inside its own rule)"
+    assert compile_watch(watch) == [
+        ("reference_id", "unknown variable {nope} (a capture is only known inside its own rule)")
     ]
+
+
+def test_a_rule_set_renders_from_the_compilation_its_watch_made_at_load(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(
+        '[[watch]]\npath = "/srv/a"\ndataset_id = "ds_a"\n'
+        '[[watch.rules]]\nmatch = "{weather}/**"\nmetadata = { weather = "{weather}" }\n'
+        '[[watch]]\npath = "/srv/b"\ndataset_id = "ds_a"\nreference_id = "b/{relpath}"\n',
+        encoding="utf-8",
+    )
+
+    settings = load_settings(config_file, environ={})
+
+    assert len(settings.rule_sets) == 2
+    assert all(
+        rule_set.compiled is watch.compiled_rules
+        for rule_set, watch in zip(settings.rule_sets, settings.watch, strict=True)
+    )

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from watcher.config import Settings, compile_rules
+from watcher.config import Settings
 from watcher.files import PathFilter
 from watcher.nucleus import NucleusClient, TokenBucket
 from watcher.pipeline.reconcile import Reconciler, WatchPlan
@@ -21,7 +21,6 @@ from watcher.store import StateStore, watch_key, watch_key_aliases
 
 
 def watch_plans(settings: Settings) -> list[WatchPlan]:
-    rule_sets = compile_rules(settings)
     roots = [str(Path(watch.path)) for watch in settings.watch]
     return [
         WatchPlan(
@@ -34,7 +33,7 @@ def watch_plans(settings: Settings) -> list[WatchPlan]:
             rules=rules,
             polling=settings.scan.polling,
         )
-        for root, watch, rules in zip(roots, settings.watch, rule_sets, strict=True)
+        for root, watch, rules in zip(roots, settings.watch, settings.rule_sets, strict=True)
     ]
 
 
