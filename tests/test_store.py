@@ -326,7 +326,7 @@ def test_file_back_while_in_flight_is_not_gone(store: StateStore) -> None:
 
 
 def test_upgrade_from_schema_2_knows_what_was_sent(tmp_path: Path) -> None:
-    from watcher.store.state_store import _MIGRATIONS
+    from watcher.store.schema import _MIGRATIONS
 
     path = tmp_path / "state.db"
     db = sqlite3.connect(path, isolation_level=None)
