@@ -7,14 +7,18 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from typing import assert_never
 
-import structlog
-
+from watcher.store.intake_decision import (
+    IntakeDecision,
+    IntakeOutcome,
+    OnRecord,
+    Version,
+    decide_intake,
+)
 from watcher.store.records import Candidate
 from watcher.store.sql import placeholders
-from watcher.store.states import FAILED, GONE, IN_FLIGHT, PENDING, UPLOADED
-
-log = structlog.get_logger("watcher.store")
+from watcher.store.states import GONE, IN_FLIGHT, PENDING, UPLOADED
 
 
 def other_owner_of_reference(
@@ -39,104 +43,119 @@ def adopt_rows(db: sqlite3.Connection, key: str, aliases: Sequence[str], dataset
         return 0
     if db.execute("SELECT 1 FROM files WHERE watch = ? LIMIT 1", (key,)).fetchone():
         return 0
-    adopted = db.execute(
+    return db.execute(
         f"UPDATE files SET watch = ? WHERE watch IN ({placeholders(len(others))})"
         " AND dataset_id = ?",
         (key, *others, dataset_id),
     ).rowcount
-    if adopted:
-        log.info("watch_rows_adopted", watch=key, rows=adopted)
-    return adopted
 
 
-def record_candidate(db: sqlite3.Connection, candidate: Candidate, now: float) -> str:
-    """Record what is on disk now; decide whether it must be sent (see
-    `StateStore.record_candidate` for what the answer means)."""
-    metadata_json = json.dumps(candidate.metadata, sort_keys=True, ensure_ascii=False)
-    if other_owner_of_reference(
+_VERSIONS = ", ".join(
+    f"{prefix}{column}"
+    for prefix in ("", "sent_", "confirmed_")
+    for column in ("dataset_id", "reference_id", "content_sha256", "metadata_sha256")
+)
+
+
+def _version(row: sqlite3.Row, prefix: str) -> Version:
+    return Version(
+        row[f"{prefix}dataset_id"],
+        row[f"{prefix}reference_id"],
+        row[f"{prefix}content_sha256"],
+        row[f"{prefix}metadata_sha256"],
+    )
+
+
+def _on_record(row: sqlite3.Row) -> OnRecord:
+    return OnRecord(
+        state=row["state"],
+        current=_version(row, ""),
+        sent=_version(row, "sent_"),
+        confirmed=_version(row, "confirmed_"),
+    )
+
+
+_SET_VERSION = (
+    "dataset_id = ?, reference_id = ?, size_bytes = ?, mtime_ns = ?, content_sha256 = ?,"
+    " metadata_json = ?, metadata_sha256 = ?, remote_url = ?"
+)
+
+
+def record_candidate(db: sqlite3.Connection, candidate: Candidate, now: float) -> IntakeOutcome:
+    """Record what is on disk now; decide whether it must be sent (see `decide_intake`)."""
+    taken = other_owner_of_reference(
         db, candidate.dataset_id, candidate.reference_id, candidate.watch, candidate.relpath
-    ):
-        return "collision"
+    )
     row = db.execute(
-        "SELECT * FROM files WHERE watch = ? AND relpath = ?",
+        f"SELECT id, state, {_VERSIONS} FROM files WHERE watch = ? AND relpath = ?",
         (candidate.watch, candidate.relpath),
     ).fetchone()
+    on_record = None if row is None else _on_record(row)
+    decision = decide_intake(on_record, candidate, reference_taken=taken is not None)
+    _apply(db, decision, candidate, None if row is None else row["id"], now)
+    return decision.outcome
+
+
+def _apply(
+    db: sqlite3.Connection,
+    decision: IntakeDecision,
+    candidate: Candidate,
+    row_id: int | None,
+    now: float,
+) -> None:
+    """Write what `decision` says: the candidate's version, plus the state change."""
+    if decision is IntakeDecision.REFUSE_COLLISION:
+        return
     values = (
         candidate.dataset_id,
         candidate.reference_id,
         candidate.size_bytes,
         candidate.mtime_ns,
         candidate.content_sha256,
-        metadata_json,
+        json.dumps(candidate.metadata, sort_keys=True, ensure_ascii=False),
         candidate.metadata_sha256,
         candidate.remote_url,
     )
-    if row is None:
+    if decision is IntakeDecision.INSERT:
         db.execute(
             "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes,"
             " mtime_ns, content_sha256, metadata_json, metadata_sha256, remote_url, state,"
             " first_seen_at, changed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (candidate.watch, candidate.relpath, *values, PENDING, now, now),
         )
-        return "new"
+        return
+    change, params = _state_change(decision, now)
+    db.execute(f"UPDATE files SET {_SET_VERSION}{change} WHERE id = ?", (*values, *params, row_id))
 
-    version = (
-        candidate.dataset_id,
-        candidate.reference_id,
-        candidate.content_sha256,
-        candidate.metadata_sha256,
-    )
-    confirmed = (
-        row["confirmed_dataset_id"],
-        row["confirmed_reference_id"],
-        row["confirmed_content_sha256"],
-        row["confirmed_metadata_sha256"],
-    )
-    current = (
-        row["dataset_id"],
-        row["reference_id"],
-        row["content_sha256"],
-        row["metadata_sha256"],
-    )
-    set_values = (
-        "dataset_id = ?, reference_id = ?, size_bytes = ?, mtime_ns = ?,"
-        " content_sha256 = ?, metadata_json = ?, metadata_sha256 = ?, remote_url = ?"
-    )
-    state = row["state"]
-    if state == IN_FLIGHT:
-        sent = (
-            row["sent_dataset_id"],
-            row["sent_reference_id"],
-            row["sent_content_sha256"],
-            row["sent_metadata_sha256"],
-        )
-        requeue = int(sent != version)
-        # The file is here again if a delete was seen while the request was out.
-        db.execute(
-            f"UPDATE files SET {set_values}, requeue = max(requeue, ?), vanished = 0 WHERE id = ?",
-            (*values, requeue, row["id"]),
-        )
-        return "deferred" if requeue else "unchanged"
-    if version == confirmed:
-        # The server already holds exactly this; a touch or a reappearing file.
-        db.execute(
-            f"UPDATE files SET {set_values}, state = ?, last_error = NULL,"
-            " changed_at = CASE WHEN state = ? THEN changed_at ELSE ? END WHERE id = ?",
-            (*values, UPLOADED, UPLOADED, now, row["id"]),
-        )
-        return "unchanged"
-    if version == current and state in (PENDING, FAILED):
-        # Same thing we already queued or parked: keep its backoff or its reason.
-        db.execute(f"UPDATE files SET {set_values} WHERE id = ?", (*values, row["id"]))
-        return "unchanged"
-    db.execute(
-        f"UPDATE files SET {set_values}, state = ?, update_flag = 0, attempts = 0,"
-        " next_attempt_at = 0, last_error = NULL, job_id = NULL, changed_at = ?"
-        " WHERE id = ?",
-        # update_flag: the claim decides it from what was ever sent (sent_references).
-        (*values, PENDING, now, row["id"]),
-    )
-    return "changed"
+
+def _state_change(decision: IntakeDecision, now: float) -> tuple[str, tuple[object, ...]]:
+    """The SET clauses (after the version's) an update of an existing row adds, and their
+    parameters."""
+    match decision:
+        case IntakeDecision.NOTE_WHILE_IN_FLIGHT:
+            # The file is here again if a delete was seen while the request was out.
+            return ", vanished = 0", ()
+        case IntakeDecision.REQUEUE_AFTER_SEND:
+            return ", requeue = 1, vanished = 0", ()
+        case IntakeDecision.MARK_UPLOADED:
+            return (
+                ", state = ?, last_error = NULL,"
+                " changed_at = CASE WHEN state = ? THEN changed_at ELSE ? END",
+                (UPLOADED, UPLOADED, now),
+            )
+        case IntakeDecision.KEEP_QUEUED:
+            return "", ()
+        case IntakeDecision.QUEUE:
+            # update_flag: the claim decides it from what was ever sent (sent_references).
+            return (
+                ", state = ?, update_flag = 0, attempts = 0, next_attempt_at = 0,"
+                " last_error = NULL, job_id = NULL, changed_at = ?",
+                (PENDING, now),
+            )
+        case IntakeDecision.REFUSE_COLLISION | IntakeDecision.INSERT:
+            raise ValueError(f"{decision} does not update a row")
+        case _:
+            assert_never(decision)
 
 
 def record_problem(

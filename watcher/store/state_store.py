@@ -20,11 +20,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import structlog
+
 from watcher.store import intake, queue, records, reports
 from watcher.store.diskfull import DiskFullWait
 from watcher.store.opening import OPEN_RETRY_SECONDS, open_for_writing, open_read_only
 from watcher.store.records import Candidate, FileRecord, KnownFile
 from watcher.store.sql import write_transaction
+
+log = structlog.get_logger("watcher.store")
 
 _R = TypeVar("_R")
 
@@ -153,7 +157,10 @@ class StateStore:
         """A watch whose key changed (a second watch of its folder came or went) takes over
         the rows recorded under its other key for its dataset, instead of sending them all
         again. Only when it has no rows of its own yet."""
-        return self._write(lambda db: intake.adopt_rows(db, key, aliases, dataset_id))
+        adopted = self._write(lambda db: intake.adopt_rows(db, key, aliases, dataset_id))
+        if adopted:
+            log.info("watch_rows_adopted", watch=key, rows=adopted)
+        return adopted
 
     def record_candidate(self, candidate: Candidate, now: float | None = None) -> str:
         """Record what is on disk now; decide whether it must be sent. Returns what happened:
