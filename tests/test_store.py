@@ -59,7 +59,7 @@ def send_and_confirm(store: StateStore) -> list[int]:
 def test_database_settings_and_schema_version(store: StateStore, tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "state.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
 
 
@@ -370,3 +370,102 @@ def test_bytes_rewritten_while_streaming_count_as_sent_and_the_file_goes_again(
     record = store.get("/srv/cam", "Sunny/a.jpg")
     assert record is not None and record.state == UPLOADED
     assert record.confirmed_content_sha256 == "c1"
+
+
+# -- files refused before classification, and files to look at again -------------------------
+
+
+def problem(store: StateStore, relpath: str = "Sunny/a.jpg", **kw: object) -> None:
+    fields: dict[str, object] = {
+        "watch": "/srv/cam",
+        "relpath": relpath,
+        "dataset_id": "ds_1",
+        "size_bytes": 10,
+        "mtime_ns": 1,
+        "state": FAILED,
+        "reason": "not an image (unknown file signature)",
+    }
+    fields.update(kw)
+    store.record_problem(**fields)  # type: ignore[arg-type]
+
+
+def test_a_file_refused_before_classification_is_recorded_unclassified(
+    store: StateStore,
+) -> None:
+    store.record_candidate(candidate())
+    problem(store)
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and not known.classified and not known.reexamine
+    assert (known.size_bytes, known.mtime_ns) == (10, 1)
+    record = store.get("/srv/cam", "Sunny/a.jpg")
+    assert record is not None and not record.classified and record.reference_id == ""
+    # It holds no reference_id: another file may take the name over.
+    assert store.record_candidate(candidate("b.jpg", reference_id="Sunny/a.jpg")) == "new"
+
+
+def test_retry_of_an_unclassified_file_asks_the_next_walk_to_look_again(
+    store: StateStore,
+) -> None:
+    problem(store)
+    assert store.requeue_failed() == 1
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and known.reexamine and known.state == FAILED
+    assert (known.size_bytes, known.mtime_ns) == (10, 1)  # what was seen stays on record
+    assert store.record_candidate(candidate()) == "changed"
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and known.classified and not known.reexamine
+
+
+def test_a_file_that_could_not_be_stated_is_looked_at_again(store: StateStore) -> None:
+    problem(store, "new.jpg", size_bytes=None, mtime_ns=None, reason="cannot stat")
+    problem(store, size_bytes=10, mtime_ns=1)
+    problem(store, size_bytes=None, mtime_ns=None, reason="cannot stat")
+    new = store.known_file("/srv/cam", "new.jpg")
+    assert new is not None and new.reexamine and not new.classified
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and known.reexamine and (known.size_bytes, known.mtime_ns) == (10, 1)
+    problem(store, size_bytes=12, mtime_ns=2)  # seen again: the walk knows it as it is now
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and not known.reexamine and known.size_bytes == 12
+
+
+def test_upgrade_from_schema_3_turns_sentinel_values_into_columns(tmp_path: Path) -> None:
+    from watcher.store.schema import _MIGRATIONS
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in _MIGRATIONS[:3]:
+        db.executescript(step)
+    db.execute("PRAGMA user_version = 3")
+    # The rows as schema 3's code wrote them: a sent file, a file refused before
+    # classification, and one `retry` marked for the next walk (size and mtime -1).
+    db.execute(
+        "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes, mtime_ns,"
+        " content_sha256, metadata_json, metadata_sha256, state, first_seen_at, changed_at)"
+        " VALUES ('/srv/cam', 'sent.jpg', 'ds_1', 'sent.jpg', 10, 1, 'c1', '{}', 'm1', ?, 0, 0)",
+        (UPLOADED,),
+    )
+    for relpath, size_bytes, mtime_ns in (("parked.jpg", 20, 2), ("retried.jpg", -1, -1)):
+        db.execute(
+            "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes,"
+            " mtime_ns, metadata_json, metadata_sha256, state, last_error, first_seen_at,"
+            " changed_at) VALUES ('/srv/cam', ?, 'ds_1', '', ?, ?, '{}', '', ?, 'bad', 0, 0)",
+            (relpath, size_bytes, mtime_ns, FAILED),
+        )
+    db.close()
+    store = StateStore.open(path)
+    known = store.known_files("/srv/cam")
+    migrated = {
+        relpath: (k.classified, k.reexamine, k.size_bytes, k.mtime_ns)
+        for relpath, k in known.items()
+    }
+    assert migrated == {
+        "sent.jpg": (True, False, 10, 1),
+        "parked.jpg": (False, False, 20, 2),
+        "retried.jpg": (False, True, 0, 0),
+    }
+    records = {r.relpath: r.classified for r in store.records_in_state(FAILED)}
+    assert records == {"parked.jpg": False, "retried.jpg": False}
+    store.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 4

@@ -313,11 +313,12 @@ class Reconciler:
         unchanged_on_disk = (
             known is not None
             and known.state != GONE
+            and not known.reexamine
             and known.size_bytes == st.st_size
             and known.mtime_ns == st.st_mtime_ns
         )
         if unchanged_on_disk and known is not None:
-            if known.state in (FAILED, INCOMPLETE) and known.metadata_sha256 == "":
+            if known.state in (FAILED, INCOMPLETE) and not known.classified:
                 return "unchanged"  # parked before classification; waits for a change or `retry`
             # Same bytes as recorded: reuse the recorded hash, only the rules may have changed.
             return self._classify(plan, path, relpath, st, known.content_sha256, known)
@@ -385,7 +386,9 @@ class Reconciler:
             return self._problem(plan, path, relpath, st, FAILED, f"path rules: {exc}")
         if (
             known is not None
+            and known.classified
             and known.state != GONE
+            and not known.reexamine
             and known.size_bytes == st.st_size
             and known.mtime_ns == st.st_mtime_ns
             and known.metadata_sha256 == classification.metadata_sha256
@@ -475,8 +478,8 @@ class Reconciler:
             watch=plan.key,
             relpath=relpath,
             dataset_id=plan.dataset_id,
-            size_bytes=st.st_size if st is not None else -1,
-            mtime_ns=st.st_mtime_ns if st is not None else -1,
+            size_bytes=st.st_size if st is not None else None,
+            mtime_ns=st.st_mtime_ns if st is not None else None,
             state=state,
             reason=reason,
             now=self._clock(),

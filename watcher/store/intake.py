@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import assert_never
 
 from watcher.store.intake_decision import (
+    NO_VERSION,
     IntakeDecision,
     IntakeOutcome,
     OnRecord,
@@ -28,7 +29,8 @@ def other_owner_of_reference(
     dataset, if any."""
     row = db.execute(
         "SELECT watch, relpath FROM files WHERE dataset_id = ? AND reference_id = ?"
-        " AND state != ? AND vanished = 0 AND NOT (watch = ? AND relpath = ?) LIMIT 1",
+        " AND classified AND state != ? AND vanished = 0"
+        " AND NOT (watch = ? AND relpath = ?) LIMIT 1",
         (dataset_id, reference_id, GONE, watch, relpath),
     ).fetchone()
     return None if row is None else (row["watch"], row["relpath"])
@@ -69,7 +71,7 @@ def _version(row: sqlite3.Row, prefix: str) -> Version:
 def _on_record(row: sqlite3.Row) -> OnRecord:
     return OnRecord(
         state=row["state"],
-        current=_version(row, ""),
+        current=_version(row, "") if row["classified"] else NO_VERSION,
         sent=_version(row, "sent_"),
         confirmed=_version(row, "confirmed_"),
     )
@@ -77,7 +79,7 @@ def _on_record(row: sqlite3.Row) -> OnRecord:
 
 _SET_VERSION = (
     "dataset_id = ?, reference_id = ?, size_bytes = ?, mtime_ns = ?, content_sha256 = ?,"
-    " metadata_json = ?, metadata_sha256 = ?, remote_url = ?"
+    " metadata_json = ?, metadata_sha256 = ?, remote_url = ?, classified = 1, reexamine = 0"
 )
 
 
@@ -87,7 +89,7 @@ def record_candidate(db: sqlite3.Connection, candidate: Candidate, now: float) -
         db, candidate.dataset_id, candidate.reference_id, candidate.watch, candidate.relpath
     )
     row = db.execute(
-        f"SELECT id, state, {_VERSIONS} FROM files WHERE watch = ? AND relpath = ?",
+        f"SELECT id, state, classified, {_VERSIONS} FROM files WHERE watch = ? AND relpath = ?",
         (candidate.watch, candidate.relpath),
     ).fetchone()
     on_record = None if row is None else _on_record(row)
@@ -164,31 +166,48 @@ def record_problem(
     watch: str,
     relpath: str,
     dataset_id: str,
-    size_bytes: int,
-    mtime_ns: int,
+    size_bytes: int | None,
+    mtime_ns: int | None,
     state: str,
     reason: str,
     now: float,
 ) -> None:
-    """A file that cannot be sent as it is (incomplete, not an image, bad name): say why."""
+    """A file that cannot be sent as it is (incomplete, not an image, bad name): say why.
+
+    The row is left unclassified: not sendable as it is, it holds no reference_id, so a file
+    that takes the name over (or wins a collision) does not collide with it. Without a size
+    and mtime (the file could not be stat'ed) the next walk looks at it again.
+    """
     row = db.execute(
         "SELECT id, state FROM files WHERE watch = ? AND relpath = ?", (watch, relpath)
     ).fetchone()
+    reexamine = int(size_bytes is None or mtime_ns is None)
     if row is None:
         db.execute(
             "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes,"
             " mtime_ns, metadata_json, metadata_sha256, state, last_error, first_seen_at,"
-            " changed_at) VALUES (?,?,?,'',?,?,'{}','',?,?,?,?)",
-            (watch, relpath, dataset_id, size_bytes, mtime_ns, state, reason, now, now),
+            " changed_at, classified, reexamine) VALUES (?,?,?,'',?,?,'{}','',?,?,?,?,0,?)",
+            # A size and mtime not known are 0: `reexamine` says they are not to be trusted.
+            (
+                watch,
+                relpath,
+                dataset_id,
+                size_bytes or 0,
+                mtime_ns or 0,
+                state,
+                reason,
+                now,
+                now,
+                reexamine,
+            ),
         )
     elif row["state"] != IN_FLIGHT:
-        # Not sendable as it is, so it holds no reference_id: a file that takes the name over
-        # (or wins a collision) must not collide with this row.
         db.execute(
-            "UPDATE files SET size_bytes = ?, mtime_ns = ?, state = ?, last_error = ?,"
-            " content_sha256 = NULL, metadata_sha256 = '', reference_id = '',"
-            " changed_at = ? WHERE id = ?",
-            (size_bytes, mtime_ns, state, reason, now, row["id"]),
+            "UPDATE files SET size_bytes = coalesce(?, size_bytes),"
+            " mtime_ns = coalesce(?, mtime_ns), state = ?, last_error = ?,"
+            " content_sha256 = NULL, metadata_sha256 = '', reference_id = '', classified = 0,"
+            " reexamine = ?, changed_at = ? WHERE id = ?",
+            (size_bytes, mtime_ns, state, reason, reexamine, now, row["id"]),
         )
 
 

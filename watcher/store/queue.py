@@ -102,7 +102,7 @@ def _within_bytes(rows: list[sqlite3.Row], max_bytes: int) -> list[sqlite3.Row]:
     """The leading rows whose sizes add up to at most `max_bytes`, and at least the first."""
     total = 0
     for count, row in enumerate(rows):
-        total += max(0, row["size_bytes"])  # -1 marks a size to be learned again
+        total += row["size_bytes"]
         if count and total > max_bytes:
             return rows[:count]
     return rows
@@ -235,7 +235,7 @@ def requeue_failed(db: sqlite3.Connection, paths: Sequence[Path]) -> int:
     reconcile to look at again, since only a fresh look can tell whether they are fixed.
     """
     rows = db.execute(
-        "SELECT id, watch, relpath, metadata_sha256 FROM files WHERE state IN (?, ?)",
+        "SELECT id, watch, relpath, classified FROM files WHERE state IN (?, ?)",
         (FAILED, INCOMPLETE),
     ).fetchall()
     if paths:
@@ -248,8 +248,8 @@ def requeue_failed(db: sqlite3.Connection, paths: Sequence[Path]) -> int:
             if os.fsencode(Path(watch_root(row["watch"])) / path_from_text(row["relpath"]))
             in wanted
         ]
-    sent = [row["id"] for row in rows if row["metadata_sha256"]]
-    unclassified = [row["id"] for row in rows if not row["metadata_sha256"]]
+    sent = [row["id"] for row in rows if row["classified"]]
+    unclassified = [row["id"] for row in rows if not row["classified"]]
     if sent:
         db.execute(
             "UPDATE files SET state = ?, attempts = 0, next_attempt_at = 0"
@@ -258,8 +258,7 @@ def requeue_failed(db: sqlite3.Connection, paths: Sequence[Path]) -> int:
         )
     if unclassified:
         db.execute(
-            "UPDATE files SET size_bytes = -1, mtime_ns = -1"
-            f" WHERE id IN ({placeholders(len(unclassified))})",
+            f"UPDATE files SET reexamine = 1 WHERE id IN ({placeholders(len(unclassified))})",
             unclassified,
         )
     return len(sent) + len(unclassified)

@@ -40,6 +40,9 @@ class FileRecord:
     confirmed_at: float | None
     first_seen_at: float
     confirmed_content_sha256: str | None = None
+    # False: refused before classification (a path rule or a bad file parked it), so it has
+    # no version to send; reference_id and metadata_sha256 are empty.
+    classified: bool = True
 
     @property
     def path(self) -> Path:
@@ -78,14 +81,20 @@ class KnownFile:
     metadata_sha256: str
     state: str
     dataset_id: str
+    classified: bool  # see FileRecord.classified
+    reexamine: bool  # look at the file again, whatever its size and mtime
 
 
 COLUMNS = (
     "id, watch, relpath, dataset_id, reference_id, size_bytes, mtime_ns, content_sha256,"
     " metadata_json, metadata_sha256, remote_url, state, update_flag, attempts,"
-    " next_attempt_at, last_error, job_id, confirmed_at, first_seen_at, confirmed_content_sha256"
+    " next_attempt_at, last_error, job_id, confirmed_at, first_seen_at, confirmed_content_sha256,"
+    " classified"
 )
-_KNOWN_COLUMNS = "size_bytes, mtime_ns, content_sha256, metadata_sha256, state, dataset_id"
+_KNOWN_COLUMNS = (
+    "size_bytes, mtime_ns, content_sha256, metadata_sha256, state, dataset_id, classified,"
+    " reexamine"
+)
 
 
 def record_from_row(row: sqlite3.Row) -> FileRecord:
@@ -111,6 +120,7 @@ def record_from_row(row: sqlite3.Row) -> FileRecord:
         confirmed_at=row["confirmed_at"],
         first_seen_at=row["first_seen_at"],
         confirmed_content_sha256=row["confirmed_content_sha256"],
+        classified=bool(row["classified"]),
     )
 
 
@@ -122,6 +132,8 @@ def _known_from_row(row: sqlite3.Row) -> KnownFile:
         row["metadata_sha256"],
         row["state"],
         row["dataset_id"],
+        bool(row["classified"]),
+        bool(row["reexamine"]),
     )
 
 

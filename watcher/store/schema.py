@@ -87,6 +87,17 @@ _MIGRATIONS: tuple[str, ...] = (
     UPDATE files SET sent_dataset_id = dataset_id, sent_reference_id = reference_id
         WHERE state = 'in_flight';
     """,
+    # Explicit columns for what sentinel values used to say. `classified = 0`: the file was
+    # refused before it had a version to send (a path rule, not an image, incomplete), which
+    # an empty reference_id and metadata_sha256 used to mean. `reexamine = 1`: the next walk
+    # looks at the file whatever its size and mtime (after `retry`, or when it could not be
+    # stat'ed), which a size of -1 used to mean; those sizes become 0, known to be unknown.
+    """
+    ALTER TABLE files ADD COLUMN classified INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE files ADD COLUMN reexamine INTEGER NOT NULL DEFAULT 0;
+    UPDATE files SET classified = 0 WHERE metadata_sha256 = '';
+    UPDATE files SET reexamine = 1, size_bytes = 0, mtime_ns = 0 WHERE size_bytes = -1;
+    """,
 )
 
 

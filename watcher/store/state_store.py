@@ -186,13 +186,15 @@ class StateStore:
         watch: str,
         relpath: str,
         dataset_id: str,
-        size_bytes: int,
-        mtime_ns: int,
+        size_bytes: int | None,
+        mtime_ns: int | None,
         state: str,
         reason: str,
         now: float | None = None,
     ) -> None:
-        """A file that cannot be sent as it is (incomplete, not an image, bad name): say why."""
+        """A file that cannot be sent as it is (incomplete, not an image, bad name): say why.
+        Without `size_bytes` and `mtime_ns` (the file could not be stat'ed) the next walk
+        looks at it again."""
         self._write(
             lambda db: intake.record_problem(
                 db,
