@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.store import FAILED, GONE, IN_FLIGHT, INCOMPLETE, PENDING, UPLOADED, Candidate
+from watcher.store import Candidate, FileState, UnknownState
 from watcher.store.intake_decision import (
     NO_VERSION,
     IntakeDecision,
@@ -36,7 +36,7 @@ def on_disk(sha: str = "c1", meta: str = "m1", *, dataset: str = "ds_1") -> Cand
 
 
 def row(
-    state: str,
+    state: FileState | UnknownState,
     current: Version = NO_VERSION,
     *,
     sent: Version = NO_VERSION,
@@ -45,7 +45,7 @@ def row(
     return OnRecord(state=state, current=current, sent=sent, confirmed=confirmed)
 
 
-UPLOADED_C1 = row(UPLOADED, version("c1"), sent=version("c1"), confirmed=version("c1"))
+UPLOADED_C1 = row(FileState.UPLOADED, version("c1"), sent=version("c1"), confirmed=version("c1"))
 
 # (row on record, file on disk, another live file sends its reference_id, decision)
 CASES = {
@@ -56,26 +56,26 @@ CASES = {
         IntakeDecision.REFUSE_COLLISION,
     ),
     "a file on record is refused too when another live file took its reference_id": (
-        row(PENDING, version("c1")),
+        row(FileState.PENDING, version("c1")),
         on_disk("c2"),
         True,
         IntakeDecision.REFUSE_COLLISION,
     ),
     "a file never seen is inserted": (None, on_disk(), False, IntakeDecision.INSERT),
     "a file in flight with the version that went out is only noted": (
-        row(IN_FLIGHT, version("c1"), sent=version("c1")),
+        row(FileState.IN_FLIGHT, version("c1"), sent=version("c1")),
         on_disk("c1"),
         False,
         IntakeDecision.NOTE_WHILE_IN_FLIGHT,
     ),
     "a file changed while in flight goes again after the answer": (
-        row(IN_FLIGHT, version("c1"), sent=version("c1")),
+        row(FileState.IN_FLIGHT, version("c1"), sent=version("c1")),
         on_disk("c2"),
         False,
         IntakeDecision.REQUEUE_AFTER_SEND,
     ),
     "a file in flight reverted to what the server confirmed still waits for the answer": (
-        row(IN_FLIGHT, version("c2"), sent=version("c2"), confirmed=version("c1")),
+        row(FileState.IN_FLIGHT, version("c2"), sent=version("c2"), confirmed=version("c1")),
         on_disk("c1"),
         False,
         IntakeDecision.REQUEUE_AFTER_SEND,
@@ -87,31 +87,31 @@ CASES = {
         IntakeDecision.MARK_UPLOADED,
     ),
     "a gone file that comes back unchanged is uploaded without a send": (
-        row(GONE, NO_VERSION, confirmed=version("c1")),
+        row(FileState.GONE, NO_VERSION, confirmed=version("c1")),
         on_disk("c1"),
         False,
         IntakeDecision.MARK_UPLOADED,
     ),
     "a parked file changed back to what the server confirmed is uploaded": (
-        row(FAILED, version("c2"), confirmed=version("c1")),
+        row(FileState.FAILED, version("c2"), confirmed=version("c1")),
         on_disk("c1"),
         False,
         IntakeDecision.MARK_UPLOADED,
     ),
     "a pending file seen again unchanged keeps its place and its backoff": (
-        row(PENDING, version("c1")),
+        row(FileState.PENDING, version("c1")),
         on_disk("c1"),
         False,
         IntakeDecision.KEEP_QUEUED,
     ),
     "a failed file seen again unchanged stays parked with its reason": (
-        row(FAILED, version("c1")),
+        row(FileState.FAILED, version("c1")),
         on_disk("c1"),
         False,
         IntakeDecision.KEEP_QUEUED,
     ),
     "an incomplete file seen again with the same version is queued": (
-        row(INCOMPLETE, version("c1")),
+        row(FileState.INCOMPLETE, version("c1")),
         on_disk("c1"),
         False,
         IntakeDecision.QUEUE,
@@ -135,19 +135,25 @@ CASES = {
         IntakeDecision.QUEUE,
     ),
     "a pending file that changed again is queued with fresh tries": (
-        row(PENDING, version("c2")),
+        row(FileState.PENDING, version("c2")),
         on_disk("c3"),
         False,
         IntakeDecision.QUEUE,
     ),
     "a file reverted after an unanswered update is queued, the server may hold the update": (
-        row(PENDING, version("c2"), sent=version("c2")),
+        row(FileState.PENDING, version("c2"), sent=version("c2")),
+        on_disk("c1"),
+        False,
+        IntakeDecision.QUEUE,
+    ),
+    "a row in a state this version does not know is queued again": (
+        row(UnknownState("archived"), version("c1")),
         on_disk("c1"),
         False,
         IntakeDecision.QUEUE,
     ),
     "a gone file that comes back changed is queued": (
-        row(GONE, NO_VERSION, confirmed=version("c1")),
+        row(FileState.GONE, NO_VERSION, confirmed=version("c1")),
         on_disk("c2"),
         False,
         IntakeDecision.QUEUE,

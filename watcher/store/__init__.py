@@ -25,10 +25,5 @@ from watcher.store.records import Candidate as Candidate
 from watcher.store.records import FileRecord as FileRecord
 from watcher.store.records import KnownFile as KnownFile
 from watcher.store.state_store import StateStore as StateStore
-from watcher.store.states import FAILED as FAILED
-from watcher.store.states import GONE as GONE
-from watcher.store.states import IN_FLIGHT as IN_FLIGHT
-from watcher.store.states import INCOMPLETE as INCOMPLETE
-from watcher.store.states import PENDING as PENDING
-from watcher.store.states import STATES as STATES
-from watcher.store.states import UPLOADED as UPLOADED
+from watcher.store.states import FileState as FileState
+from watcher.store.states import UnknownState as UnknownState

@@ -19,7 +19,7 @@ from watcher.store.intake_decision import (
 )
 from watcher.store.records import Candidate
 from watcher.store.sql import placeholders
-from watcher.store.states import GONE, IN_FLIGHT, PENDING, UPLOADED
+from watcher.store.states import FileState, parse_state
 
 
 def other_owner_of_reference(
@@ -31,7 +31,7 @@ def other_owner_of_reference(
         "SELECT watch, relpath FROM files WHERE dataset_id = ? AND reference_id = ?"
         " AND classified AND state != ? AND vanished = 0"
         " AND NOT (watch = ? AND relpath = ?) LIMIT 1",
-        (dataset_id, reference_id, GONE, watch, relpath),
+        (dataset_id, reference_id, FileState.GONE, watch, relpath),
     ).fetchone()
     return None if row is None else (row["watch"], row["relpath"])
 
@@ -70,7 +70,7 @@ def _version(row: sqlite3.Row, prefix: str) -> Version:
 
 def _on_record(row: sqlite3.Row) -> OnRecord:
     return OnRecord(
-        state=row["state"],
+        state=parse_state(row["state"]),
         current=_version(row, "") if row["classified"] else NO_VERSION,
         sent=_version(row, "sent_"),
         confirmed=_version(row, "confirmed_"),
@@ -123,7 +123,7 @@ def _apply(
             "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes,"
             " mtime_ns, content_sha256, metadata_json, metadata_sha256, remote_url, state,"
             " first_seen_at, changed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (candidate.watch, candidate.relpath, *values, PENDING, now, now),
+            (candidate.watch, candidate.relpath, *values, FileState.PENDING, now, now),
         )
         return
     change, params = _state_change(decision, now)
@@ -143,7 +143,7 @@ def _state_change(decision: IntakeDecision, now: float) -> tuple[str, tuple[obje
             return (
                 ", state = ?, last_error = NULL,"
                 " changed_at = CASE WHEN state = ? THEN changed_at ELSE ? END",
-                (UPLOADED, UPLOADED, now),
+                (FileState.UPLOADED, FileState.UPLOADED, now),
             )
         case IntakeDecision.KEEP_QUEUED:
             return "", ()
@@ -152,7 +152,7 @@ def _state_change(decision: IntakeDecision, now: float) -> tuple[str, tuple[obje
             return (
                 ", state = ?, update_flag = 0, attempts = 0, next_attempt_at = 0,"
                 " last_error = NULL, job_id = NULL, changed_at = ?",
-                (PENDING, now),
+                (FileState.PENDING, now),
             )
         case IntakeDecision.REFUSE_COLLISION | IntakeDecision.INSERT:
             raise ValueError(f"{decision} does not update a row")
@@ -168,7 +168,7 @@ def record_problem(
     dataset_id: str,
     size_bytes: int | None,
     mtime_ns: int | None,
-    state: str,
+    state: FileState,
     reason: str,
     now: float,
 ) -> None:
@@ -201,7 +201,7 @@ def record_problem(
                 reexamine,
             ),
         )
-    elif row["state"] != IN_FLIGHT:
+    elif row["state"] != FileState.IN_FLIGHT:
         db.execute(
             "UPDATE files SET size_bytes = coalesce(?, size_bytes),"
             " mtime_ns = coalesce(?, mtime_ns), state = ?, last_error = ?,"
@@ -223,7 +223,16 @@ def mark_gone(db: sqlite3.Connection, watch: str, relpaths: Sequence[str], now: 
         " changed_at = ?"
         " WHERE watch = ? AND relpath = ? AND state != ? AND vanished = 0",
         [
-            (IN_FLIGHT, GONE, IN_FLIGHT, IN_FLIGHT, now, watch, relpath, GONE)
+            (
+                FileState.IN_FLIGHT,
+                FileState.GONE,
+                FileState.IN_FLIGHT,
+                FileState.IN_FLIGHT,
+                now,
+                watch,
+                relpath,
+                FileState.GONE,
+            )
             for relpath in relpaths
         ],
     ).rowcount

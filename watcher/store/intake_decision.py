@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum, auto
 
 from watcher.store.records import Candidate
-from watcher.store.states import FAILED, IN_FLIGHT, PENDING
+from watcher.store.states import FileState, UnknownState
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ NO_VERSION = Version(None, None, None, None)
 class OnRecord:
     """A file's row, as much of it as the decision reads."""
 
-    state: str
+    state: FileState | UnknownState
     current: Version  # what the row would send next
     sent: Version  # what the request in flight carried (meaningful while in flight)
     confirmed: Version  # what the server confirmed last (NO_VERSION once that is unsure)
@@ -95,13 +95,13 @@ def decide_intake(
     if on_record is None:
         return IntakeDecision.INSERT
     version = Version.of(candidate)
-    if on_record.state == IN_FLIGHT:
+    if on_record.state == FileState.IN_FLIGHT:
         # Never two sends of one file at once: the answer decides what goes next.
         if version == on_record.sent:
             return IntakeDecision.NOTE_WHILE_IN_FLIGHT
         return IntakeDecision.REQUEUE_AFTER_SEND
     if version == on_record.confirmed:
         return IntakeDecision.MARK_UPLOADED
-    if version == on_record.current and on_record.state in (PENDING, FAILED):
+    if version == on_record.current and on_record.state in (FileState.PENDING, FileState.FAILED):
         return IntakeDecision.KEEP_QUEUED
     return IntakeDecision.QUEUE

@@ -18,7 +18,7 @@ from watcher.files import path_from_text
 from watcher.store.keys import watch_root
 from watcher.store.records import COLUMNS, FileRecord, record_from_row
 from watcher.store.sql import placeholders
-from watcher.store.states import FAILED, GONE, IN_FLIGHT, INCOMPLETE, PENDING, UPLOADED
+from watcher.store.states import FileState
 
 # Could the server hold another version under this row's reference_id (from any earlier
 # send)? Then sending this version needs update=true.
@@ -73,7 +73,7 @@ def claim_batch(
     """
     stepped = float("inf") if clock_stepped_after is None else clock_stepped_after
     order = "DESC" if newest_first else "ASC"
-    due = (PENDING, now, stepped)
+    due = (FileState.PENDING, now, stepped)
     first = db.execute(
         "SELECT id, dataset_id, remote_url IS NOT NULL AS remote,"
         f" (update_flag OR {_MAYBE_ON_SERVER}) AS send_update {_DUE}"
@@ -123,7 +123,7 @@ def _mark_in_flight(db: sqlite3.Connection, ids: list[int]) -> None:
         f" sent_reference_id = reference_id, job_id = NULL,"
         f" update_flag = (update_flag OR {_MAYBE_ON_SERVER}), {forget_confirmed}"
         f" WHERE {in_ids}",
-        (IN_FLIGHT, *ids),
+        (FileState.IN_FLIGHT, *ids),
     )
     db.execute(
         "INSERT INTO sent_references (dataset_id, reference_id, content_sha256, metadata_sha256)"
@@ -142,7 +142,7 @@ def note_streamed_bytes(db: sqlite3.Connection, id_: int, content_sha256: str) -
         "UPDATE files SET sent_content_sha256 = ?,"
         " requeue = CASE WHEN content_sha256 IS ? THEN requeue ELSE 1 END"
         " WHERE id = ? AND state = ?",
-        (content_sha256, content_sha256, id_, IN_FLIGHT),
+        (content_sha256, content_sha256, id_, FileState.IN_FLIGHT),
     )
     db.execute(
         "INSERT INTO sent_references (dataset_id, reference_id, content_sha256, metadata_sha256)"
@@ -175,9 +175,17 @@ def mark_confirmed(db: sqlite3.Connection, ids: Sequence[int], now: float) -> in
         " content_sha256 = CASE WHEN vanished THEN NULL ELSE content_sha256 END,"
         " requeue = 0, vanished = 0"
         f" WHERE id IN ({placeholders(len(ids))}) AND state = ? RETURNING state",
-        (now, now, GONE, PENDING, UPLOADED, *ids, IN_FLIGHT),
+        (
+            now,
+            now,
+            FileState.GONE,
+            FileState.PENDING,
+            FileState.UPLOADED,
+            *ids,
+            FileState.IN_FLIGHT,
+        ),
     ).fetchall()
-    return sum(row["state"] == PENDING for row in states)
+    return sum(row["state"] == FileState.PENDING for row in states)
 
 
 def mark_retry(
@@ -195,7 +203,15 @@ def mark_retry(
         " last_error = ?, job_id = NULL, requeue = 0, vanished = 0,"
         " update_flag = CASE WHEN ? THEN 1 ELSE update_flag END"
         f" WHERE id IN ({placeholders(len(ids))}) AND state = ?",
-        (GONE, PENDING, next_attempt_at, error, int(force_update), *ids, IN_FLIGHT),
+        (
+            FileState.GONE,
+            FileState.PENDING,
+            next_attempt_at,
+            error,
+            int(force_update),
+            *ids,
+            FileState.IN_FLIGHT,
+        ),
     )
 
 
@@ -206,7 +222,15 @@ def mark_failed(db: sqlite3.Connection, ids: Sequence[int], error: str, now: flo
         " attempts = attempts + 1, last_error = ?, job_id = NULL, requeue = 0,"
         f" vanished = 0, changed_at = ? WHERE id IN ({placeholders(len(ids))})"
         " AND state = ?",
-        (GONE, PENDING, FAILED, error, now, *ids, IN_FLIGHT),
+        (
+            FileState.GONE,
+            FileState.PENDING,
+            FileState.FAILED,
+            error,
+            now,
+            *ids,
+            FileState.IN_FLIGHT,
+        ),
     )
 
 
@@ -216,14 +240,14 @@ def release_in_flight(db: sqlite3.Connection) -> int:
         "UPDATE files SET state = CASE WHEN vanished THEN ? ELSE ? END,"
         " next_attempt_at = 0, vanished = 0, requeue = 0"
         " WHERE state = ? AND job_id IS NULL",
-        (GONE, PENDING, IN_FLIGHT),
+        (FileState.GONE, FileState.PENDING, FileState.IN_FLIGHT),
     ).rowcount
 
 
 def reset_pending_attempts(db: sqlite3.Connection) -> int:
     """A new `scan` run: items still pending from an earlier run get a fresh set of tries."""
     return db.execute(
-        "UPDATE files SET attempts = 0, next_attempt_at = 0 WHERE state = ?", (PENDING,)
+        "UPDATE files SET attempts = 0, next_attempt_at = 0 WHERE state = ?", (FileState.PENDING,)
     ).rowcount
 
 
@@ -236,7 +260,7 @@ def requeue_failed(db: sqlite3.Connection, paths: Sequence[Path]) -> int:
     """
     rows = db.execute(
         "SELECT id, watch, relpath, classified FROM files WHERE state IN (?, ?)",
-        (FAILED, INCOMPLETE),
+        (FileState.FAILED, FileState.INCOMPLETE),
     ).fetchall()
     if paths:
         # Compared as the bytes of the file's path: keys and text forms aside, these are the
@@ -254,7 +278,7 @@ def requeue_failed(db: sqlite3.Connection, paths: Sequence[Path]) -> int:
         db.execute(
             "UPDATE files SET state = ?, attempts = 0, next_attempt_at = 0"
             f" WHERE id IN ({placeholders(len(sent))})",
-            (PENDING, *sent),
+            (FileState.PENDING, *sent),
         )
     if unclassified:
         db.execute(

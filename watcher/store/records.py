@@ -13,7 +13,7 @@ from typing import Any
 from watcher.files import path_from_text
 from watcher.store.keys import watch_root
 from watcher.store.sql import placeholders
-from watcher.store.states import UPLOADED
+from watcher.store.states import FileState, UnknownState, parse_state
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class FileRecord:
     metadata: dict[str, Any]
     metadata_sha256: str
     remote_url: str | None
-    state: str
+    state: FileState | UnknownState
     update_flag: bool
     attempts: int
     next_attempt_at: float
@@ -79,7 +79,7 @@ class KnownFile:
     mtime_ns: int
     content_sha256: str | None
     metadata_sha256: str
-    state: str
+    state: FileState | UnknownState
     dataset_id: str
     classified: bool  # see FileRecord.classified
     reexamine: bool  # look at the file again, whatever its size and mtime
@@ -111,7 +111,7 @@ def record_from_row(row: sqlite3.Row) -> FileRecord:
         metadata=json.loads(row["metadata_json"]),
         metadata_sha256=row["metadata_sha256"],
         remote_url=row["remote_url"],
-        state=row["state"],
+        state=parse_state(row["state"]),
         update_flag=bool(row["update_flag"]),
         attempts=row["attempts"],
         next_attempt_at=row["next_attempt_at"],
@@ -130,7 +130,7 @@ def _known_from_row(row: sqlite3.Row) -> KnownFile:
         row["mtime_ns"],
         row["content_sha256"],
         row["metadata_sha256"],
-        row["state"],
+        parse_state(row["state"]),
         row["dataset_id"],
         bool(row["classified"]),
         bool(row["reexamine"]),
@@ -152,7 +152,7 @@ def get_many(db: sqlite3.Connection, ids: Sequence[int]) -> list[FileRecord]:
     return _records(db, f"id IN ({placeholders(len(ids))})", list(ids))
 
 
-def in_state(db: sqlite3.Connection, state: str, limit: int) -> list[FileRecord]:
+def in_state(db: sqlite3.Connection, state: FileState, limit: int) -> list[FileRecord]:
     """The most recently changed first."""
     return _records(db, "state = ? ORDER BY changed_at DESC LIMIT ?", (state, limit))
 
@@ -166,7 +166,7 @@ def uploaded_oldest_first(db: sqlite3.Connection, watch: str, limit: int) -> lis
     return _records(
         db,
         "watch = ? AND state = ? ORDER BY mtime_ns ASC, id ASC LIMIT ?",
-        (watch, UPLOADED, limit),
+        (watch, FileState.UPLOADED, limit),
     )
 
 

@@ -5,36 +5,46 @@ from __future__ import annotations
 
 import sqlite3
 
-from watcher.store.states import IN_FLIGHT, PENDING, STATES
+from watcher.store.states import FileState, parse_state
 
 
-def counts(db: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    """watch -> state -> count."""
-    result: dict[str, dict[str, int]] = {}
+def counts(db: sqlite3.Connection) -> dict[str, dict[FileState, int]]:
+    """watch -> state -> count, for the states that have rows.
+
+    A row in a state this version does not know (a newer version wrote it) is in no count:
+    neither backlog nor a problem. Its watch is still listed.
+    """
+    result: dict[str, dict[FileState, int]] = {}
     rows = db.execute("SELECT watch, state, count(*) AS n FROM files GROUP BY watch, state")
     for row in rows.fetchall():
-        result.setdefault(row["watch"], {})[row["state"]] = row["n"]
+        by_state = result.setdefault(row["watch"], {})
+        state = parse_state(row["state"])
+        if isinstance(state, FileState):
+            by_state[state] = row["n"]
     return result
 
 
-def state_counts(db: sqlite3.Connection) -> dict[str, int]:
-    """state -> count, every state present."""
-    totals = dict.fromkeys(STATES, 0)
+def state_counts(db: sqlite3.Connection) -> dict[FileState, int]:
+    """state -> count, every state present (unknown states as in `counts`)."""
+    totals = dict.fromkeys(FileState, 0)
     for row in db.execute("SELECT state, count(*) AS n FROM files GROUP BY state").fetchall():
-        totals[row["state"]] = row["n"]
+        state = parse_state(row["state"])
+        if isinstance(state, FileState):
+            totals[state] = row["n"]
     return totals
 
 
 def oldest_pending_first_seen(db: sqlite3.Connection) -> float | None:
     row = db.execute(
-        "SELECT min(first_seen_at) AS t FROM files WHERE state IN (?, ?)", (PENDING, IN_FLIGHT)
+        "SELECT min(first_seen_at) AS t FROM files WHERE state IN (?, ?)",
+        (FileState.PENDING, FileState.IN_FLIGHT),
     ).fetchone()
     return None if row is None or row["t"] is None else float(row["t"])
 
 
 def next_due_at(db: sqlite3.Connection) -> float | None:
     row = db.execute(
-        "SELECT min(next_attempt_at) AS t FROM files WHERE state = ?", (PENDING,)
+        "SELECT min(next_attempt_at) AS t FROM files WHERE state = ?", (FileState.PENDING,)
     ).fetchone()
     return None if row is None or row["t"] is None else float(row["t"])
 
@@ -56,7 +66,7 @@ def has_unfinished(db: sqlite3.Connection, max_attempts: int) -> bool:
     row = db.execute(
         "SELECT EXISTS (SELECT 1 FROM files WHERE state = ?)"
         " OR EXISTS (SELECT 1 FROM files WHERE state = ? AND attempts < ?) AS unfinished",
-        (IN_FLIGHT, PENDING, max_attempts),
+        (FileState.IN_FLIGHT, FileState.PENDING, max_attempts),
     ).fetchone()
     return bool(row["unfinished"])
 
@@ -65,7 +75,8 @@ def jobs_in_flight(db: sqlite3.Connection) -> dict[str, list[int]]:
     """job_id -> ids of the files it carries, for jobs submitted but not yet finished."""
     jobs: dict[str, list[int]] = {}
     for row in db.execute(
-        "SELECT id, job_id FROM files WHERE state = ? AND job_id IS NOT NULL", (IN_FLIGHT,)
+        "SELECT id, job_id FROM files WHERE state = ? AND job_id IS NOT NULL",
+        (FileState.IN_FLIGHT,),
     ).fetchall():
         jobs.setdefault(row["job_id"], []).append(row["id"])
     return jobs

@@ -27,6 +27,7 @@ from watcher.store.diskfull import DiskFullWait
 from watcher.store.opening import OPEN_RETRY_SECONDS, open_for_writing, open_read_only
 from watcher.store.records import Candidate, FileRecord, KnownFile
 from watcher.store.sql import write_transaction
+from watcher.store.states import FileState
 
 log = structlog.get_logger("watcher.store")
 
@@ -107,7 +108,7 @@ class StateStore:
     def known_file(self, watch: str, relpath: str) -> KnownFile | None:
         return self._read(lambda db: records.known_file(db, watch, relpath))
 
-    def records_in_state(self, state: str, limit: int = 1000) -> list[FileRecord]:
+    def records_in_state(self, state: FileState, limit: int = 1000) -> list[FileRecord]:
         return self._read(lambda db: records.in_state(db, state, limit))
 
     def recent_errors(self, limit: int = 10) -> list[FileRecord]:
@@ -126,11 +127,12 @@ class StateStore:
             lambda db: intake.other_owner_of_reference(db, dataset_id, reference_id, watch, relpath)
         )
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """watch -> state -> count."""
+    def counts(self) -> dict[str, dict[FileState, int]]:
+        """watch -> state -> count (see `reports.counts`)."""
         return self._read(reports.counts)
 
-    def state_counts(self) -> dict[str, int]:
+    def state_counts(self) -> dict[FileState, int]:
+        """state -> count, every state present (see `reports.counts`)."""
         return self._read(reports.state_counts)
 
     def oldest_pending_first_seen(self) -> float | None:
@@ -188,7 +190,7 @@ class StateStore:
         dataset_id: str,
         size_bytes: int | None,
         mtime_ns: int | None,
-        state: str,
+        state: FileState,
         reason: str,
         now: float | None = None,
     ) -> None:
