@@ -35,7 +35,7 @@ from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import jpeg_bytes
 from tests.reliability import DaemonPool, RequestKiller, is_append
 from watcher.devserver import DevServer
-from watcher.store import IN_FLIGHT, PENDING, StateStore
+from watcher.store import FileState, StateStore
 
 # The path space is small on purpose: names get reused, moved onto and renamed over often.
 FOLDERS = ("", "Sunny", "Foggy")  # "" is the watch root: no rule matches there
@@ -287,7 +287,7 @@ class World:
 
     def has_backlog(self) -> bool:
         counts = self.store_counts()
-        return counts[PENDING] + counts[IN_FLIGHT] > 0
+        return counts[FileState.PENDING] + counts[FileState.IN_FLIGHT] > 0
 
     # -- faults
 

@@ -17,7 +17,7 @@ from tests.configfactory import run_watcher, write_config
 from tests.daemonprocess import DaemonProcess, wait_until
 from tests.imagefactory import write_jpeg
 from watcher.devserver import DevServer
-from watcher.store import GONE, StateStore, watch_root
+from watcher.store import FileState, StateStore, watch_root
 
 
 def explained_watches(config: Path, path: Path) -> list[str]:
@@ -41,7 +41,7 @@ def recorded_watches(state_db: Path, path: Path) -> list[str]:
             if not path.is_relative_to(root):
                 continue
             record = store.get(key, path.relative_to(root).as_posix())
-            if record is not None and record.state != GONE:
+            if record is not None and record.state != FileState.GONE:
                 found.append(key)
         return sorted(found)
     finally:

@@ -20,7 +20,7 @@ from tests.uploadedfiles import (
     write_file,
 )
 from watcher.pipeline import FreeSpaceGuard
-from watcher.store import FAILED, GONE, IN_FLIGHT, PENDING, UPLOADED, StateStore
+from watcher.store import FileState, StateStore
 
 
 @pytest.fixture
@@ -120,14 +120,14 @@ def test_low_space_deletes_only_uploaded_files_oldest_first_until_none_are_left(
     ]
     assert (other_root / "yard.jpg").exists()  # another watch, not this guard's
     assert [state_of(store, root, name) for name in ("day1/old.jpg", "mid.jpg", "new.jpg")] == [
-        GONE,
-        GONE,
-        GONE,
+        FileState.GONE,
+        FileState.GONE,
+        FileState.GONE,
     ]
-    assert state_of(store, root, "rewritten.jpg") == UPLOADED
-    assert state_of(store, root, "failed.jpg") == FAILED
-    assert state_of(store, root, "inflight.jpg") == IN_FLIGHT
-    assert state_of(store, root, "pending.jpg") == PENDING
+    assert state_of(store, root, "rewritten.jpg") == FileState.UPLOADED
+    assert state_of(store, root, "failed.jpg") == FileState.FAILED
+    assert state_of(store, root, "inflight.jpg") == FileState.IN_FLIGHT
+    assert state_of(store, root, "pending.jpg") == FileState.PENDING
     [low] = events_named(logs, "disk_space_low")
     assert low["log_level"] == "error"
     assert low["root"] == str(root)
@@ -155,7 +155,7 @@ def test_low_space_stops_deleting_once_enough_is_free(
     assert guard.check() == 2
 
     assert sorted(p.name for p in root.iterdir()) == ["f2.jpg"]
-    assert state_of(store, root, "f2.jpg") == UPLOADED
+    assert state_of(store, root, "f2.jpg") == FileState.UPLOADED
 
 
 def test_low_space_is_reported_once_per_episode_and_nothing_is_deleted_unless_allowed(
@@ -182,7 +182,7 @@ def test_low_space_is_reported_once_per_episode_and_nothing_is_deleted_unless_al
         "disk_space_low",
     ]
     assert (root / "a.jpg").exists()
-    assert state_of(store, root, "a.jpg") == UPLOADED
+    assert state_of(store, root, "a.jpg") == FileState.UPLOADED
 
 
 def test_a_missing_root_or_no_minimum_is_quiet(store: StateStore, tmp_path: Path) -> None:

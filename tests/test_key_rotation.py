@@ -21,7 +21,7 @@ from watcher.devserver import DevServer, RequestRecord
 from watcher.nucleus import NucleusClient
 from watcher.pipeline import Reconciler, Uploader, WatchPlan
 from watcher.pipeline import wiring as pipeline
-from watcher.store import UPLOADED
+from watcher.store import FileState
 
 DATASET = "ds_rotate"
 OLD_KEY = "key_old_rotation_Jd81"
@@ -95,7 +95,7 @@ class Rig:
 
     def recorded_as_uploaded(self, path: Path) -> bool:
         record = self.store.get(self.plan.key, path.name)
-        return record is not None and record.state == UPLOADED
+        return record is not None and record.state == FileState.UPLOADED
 
     def close(self) -> None:
         if self.uploader is not None:

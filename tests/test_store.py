@@ -13,13 +13,10 @@ import pytest
 
 from watcher.errors import StoreError
 from watcher.store import (
-    FAILED,
-    GONE,
-    IN_FLIGHT,
-    PENDING,
-    UPLOADED,
     Candidate,
+    FileState,
     StateStore,
+    UnknownState,
 )
 
 
@@ -59,19 +56,23 @@ def send_and_confirm(store: StateStore) -> list[int]:
 def test_database_settings_and_schema_version(store: StateStore, tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "state.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
 
 
 def test_new_file_is_queued_claimed_and_confirmed(store: StateStore) -> None:
     assert store.record_candidate(candidate()) == "new"
     [claimed] = store.claim_batch(10)
-    assert claimed.state == PENDING  # the row as it was read; it is now in flight
-    assert store.get("/srv/cam", "Sunny/a.jpg").state == IN_FLIGHT  # type: ignore[union-attr]
+    assert claimed.state == FileState.PENDING  # the row as it was read; it is now in flight
+    assert store.get("/srv/cam", "Sunny/a.jpg").state == FileState.IN_FLIGHT  # type: ignore[union-attr]
     assert store.claim_batch(10) == []
     store.mark_confirmed([claimed.id])
     record = store.get("/srv/cam", "Sunny/a.jpg")
-    assert record is not None and record.state == UPLOADED and record.confirmed_at is not None
+    assert (
+        record is not None
+        and record.state == FileState.UPLOADED
+        and record.confirmed_at is not None
+    )
     assert record.metadata == {"weather": "Sunny"}
 
 
@@ -129,7 +130,9 @@ def test_retry_backs_off_and_failed_is_parked(store: StateStore) -> None:
     store.mark_failed([item.id], "HTTP 400: bad image")
     record = store.get("/srv/cam", "Sunny/a.jpg")
     assert (
-        record is not None and record.state == FAILED and record.last_error == "HTTP 400: bad image"
+        record is not None
+        and record.state == FileState.FAILED
+        and record.last_error == "HTTP 400: bad image"
     )
     assert store.record_candidate(candidate()) == "unchanged"  # parked until it changes
     assert store.requeue_failed([Path("/srv/cam/Sunny/a.jpg")]) == 1
@@ -172,9 +175,9 @@ def test_gone_file_keeps_record_and_reappearing_file_is_not_resent(store: StateS
     store.record_candidate(candidate())
     send_and_confirm(store)
     assert store.mark_gone_many("/srv/cam", ["Sunny/a.jpg"]) == 1
-    assert store.get("/srv/cam", "Sunny/a.jpg").state == GONE  # type: ignore[union-attr]
+    assert store.get("/srv/cam", "Sunny/a.jpg").state == FileState.GONE  # type: ignore[union-attr]
     assert store.record_candidate(candidate()) == "unchanged"
-    assert store.get("/srv/cam", "Sunny/a.jpg").state == UPLOADED  # type: ignore[union-attr]
+    assert store.get("/srv/cam", "Sunny/a.jpg").state == FileState.UPLOADED  # type: ignore[union-attr]
 
 
 def test_corrupt_database_is_moved_aside(tmp_path: Path) -> None:
@@ -190,7 +193,7 @@ def test_corrupt_database_is_moved_aside(tmp_path: Path) -> None:
 def test_read_only_open_sees_rows_and_refuses_writes(store: StateStore, tmp_path: Path) -> None:
     store.record_candidate(candidate())
     reader = StateStore.open_read_only(tmp_path / "state.db")
-    assert reader.state_counts()[PENDING] == 1
+    assert reader.state_counts()[FileState.PENDING] == 1
     with pytest.raises(sqlite3.OperationalError):
         reader.record_candidate(candidate("b.jpg"))
     reader.close()
@@ -287,7 +290,7 @@ def test_file_deleted_while_in_flight_ends_gone_after_the_answer(store: StateSto
     assert store.mark_gone("/srv/cam", "Sunny/a.jpg") is True
     store.mark_confirmed([item.id])
     record = store.get("/srv/cam", "Sunny/a.jpg")
-    assert record is not None and record.state == GONE
+    assert record is not None and record.state == FileState.GONE
     # What the server confirmed is still known: the same file coming back is not re-sent.
     assert store.record_candidate(candidate()) == "unchanged"
 
@@ -299,7 +302,7 @@ def test_file_deleted_while_in_flight_and_the_send_failed_is_gone(store: StateSt
     assert store.mark_gone_many("/srv/cam", ["a.jpg"]) == 1
     store.mark_retry([r.id for r in batch], "HTTP 503", next_attempt_at=0)
     states = {r.relpath: r.state for r in store.get_many([r.id for r in batch])}
-    assert states == {"a.jpg": GONE, "b.jpg": PENDING}
+    assert states == {"a.jpg": FileState.GONE, "b.jpg": FileState.PENDING}
     assert [r.relpath for r in store.claim_batch(10)] == ["b.jpg"]
 
 
@@ -312,7 +315,7 @@ def test_file_deleted_while_in_flight_before_a_restart_is_gone(tmp_path: Path) -
     reopened = StateStore.open(tmp_path / "state.db")
     reopened.release_in_flight()
     assert reopened.claim_batch(10) == []
-    assert reopened.get("/srv/cam", "Sunny/a.jpg").state == GONE  # type: ignore[union-attr]
+    assert reopened.get("/srv/cam", "Sunny/a.jpg").state == FileState.GONE  # type: ignore[union-attr]
     reopened.close()
 
 
@@ -322,11 +325,11 @@ def test_file_back_while_in_flight_is_not_gone(store: StateStore) -> None:
     store.mark_gone("/srv/cam", "Sunny/a.jpg")
     store.record_candidate(candidate())  # deleted and written again while the request was out
     store.mark_confirmed([item.id])
-    assert store.get("/srv/cam", "Sunny/a.jpg").state == UPLOADED  # type: ignore[union-attr]
+    assert store.get("/srv/cam", "Sunny/a.jpg").state == FileState.UPLOADED  # type: ignore[union-attr]
 
 
 def test_upgrade_from_schema_2_knows_what_was_sent(tmp_path: Path) -> None:
-    from watcher.store.state_store import _MIGRATIONS
+    from watcher.store.schema import _MIGRATIONS
 
     path = tmp_path / "state.db"
     db = sqlite3.connect(path, isolation_level=None)
@@ -341,11 +344,19 @@ def test_upgrade_from_schema_2_knows_what_was_sent(tmp_path: Path) -> None:
         " VALUES ('/srv/cam', ?, 'ds_1', ?, 1, 1, ?, '{}', 'm1', ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
     )
     confirmed = ("ds_1", "a.jpg", "c0", "m1")
-    db.execute(row, ("a.jpg", "a.jpg", "c1", PENDING, 0, *confirmed, "c0", "m1"))
-    db.execute(row, ("b.jpg", "b.jpg", "c1", IN_FLIGHT, 0, None, None, None, None, "c1", "m1"))
-    db.execute(row, ("c.jpg", "c.jpg", "c1", PENDING, 2, None, None, None, None, "c0", "m1"))
-    db.execute(row, ("d.jpg", "d.jpg", "c1", PENDING, 2, None, None, None, None, "c1", "m1"))
-    db.execute(row, ("e.jpg", "e.jpg", "c1", PENDING, 0, None, None, None, None, None, None))
+    db.execute(row, ("a.jpg", "a.jpg", "c1", FileState.PENDING, 0, *confirmed, "c0", "m1"))
+    db.execute(
+        row, ("b.jpg", "b.jpg", "c1", FileState.IN_FLIGHT, 0, None, None, None, None, "c1", "m1")
+    )
+    db.execute(
+        row, ("c.jpg", "c.jpg", "c1", FileState.PENDING, 2, None, None, None, None, "c0", "m1")
+    )
+    db.execute(
+        row, ("d.jpg", "d.jpg", "c1", FileState.PENDING, 2, None, None, None, None, "c1", "m1")
+    )
+    db.execute(
+        row, ("e.jpg", "e.jpg", "c1", FileState.PENDING, 0, None, None, None, None, None, None)
+    )
     db.close()
     store = StateStore.open(path)
     store.release_in_flight()
@@ -368,5 +379,131 @@ def test_bytes_rewritten_while_streaming_count_as_sent_and_the_file_goes_again(
     assert again.content_sha256 == "c1" and again.update_flag is True
     store.mark_confirmed([again.id])
     record = store.get("/srv/cam", "Sunny/a.jpg")
-    assert record is not None and record.state == UPLOADED
+    assert record is not None and record.state == FileState.UPLOADED
     assert record.confirmed_content_sha256 == "c1"
+
+
+# -- files refused before classification, and files to look at again -------------------------
+
+
+def problem(store: StateStore, relpath: str = "Sunny/a.jpg", **kw: object) -> None:
+    fields: dict[str, object] = {
+        "watch": "/srv/cam",
+        "relpath": relpath,
+        "dataset_id": "ds_1",
+        "size_bytes": 10,
+        "mtime_ns": 1,
+        "state": FileState.FAILED,
+        "reason": "not an image (unknown file signature)",
+    }
+    fields.update(kw)
+    store.record_problem(**fields)  # type: ignore[arg-type]
+
+
+def test_a_file_refused_before_classification_is_recorded_unclassified(
+    store: StateStore,
+) -> None:
+    store.record_candidate(candidate())
+    problem(store)
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and not known.classified and not known.reexamine
+    assert (known.size_bytes, known.mtime_ns) == (10, 1)
+    record = store.get("/srv/cam", "Sunny/a.jpg")
+    assert record is not None and not record.classified and record.reference_id == ""
+    # It holds no reference_id: another file may take the name over.
+    assert store.record_candidate(candidate("b.jpg", reference_id="Sunny/a.jpg")) == "new"
+
+
+def test_retry_of_an_unclassified_file_asks_the_next_walk_to_look_again(
+    store: StateStore,
+) -> None:
+    problem(store)
+    assert store.requeue_failed() == 1
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and known.reexamine and known.state == FileState.FAILED
+    assert (known.size_bytes, known.mtime_ns) == (10, 1)  # what was seen stays on record
+    assert store.record_candidate(candidate()) == "changed"
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and known.classified and not known.reexamine
+
+
+def test_a_file_that_could_not_be_stated_is_looked_at_again(store: StateStore) -> None:
+    problem(store, "new.jpg", size_bytes=None, mtime_ns=None, reason="cannot stat")
+    problem(store, size_bytes=10, mtime_ns=1)
+    problem(store, size_bytes=None, mtime_ns=None, reason="cannot stat")
+    new = store.known_file("/srv/cam", "new.jpg")
+    assert new is not None and new.reexamine and not new.classified
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and known.reexamine and (known.size_bytes, known.mtime_ns) == (10, 1)
+    problem(store, size_bytes=12, mtime_ns=2)  # seen again: the walk knows it as it is now
+    known = store.known_file("/srv/cam", "Sunny/a.jpg")
+    assert known is not None and not known.reexamine and known.size_bytes == 12
+
+
+def test_upgrade_from_schema_3_turns_sentinel_values_into_columns(tmp_path: Path) -> None:
+    from watcher.store.schema import _MIGRATIONS
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in _MIGRATIONS[:3]:
+        db.executescript(step)
+    db.execute("PRAGMA user_version = 3")
+    # The rows as schema 3's code wrote them: a sent file, a file refused before
+    # classification, and one `retry` marked for the next walk (size and mtime -1).
+    db.execute(
+        "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes, mtime_ns,"
+        " content_sha256, metadata_json, metadata_sha256, state, first_seen_at, changed_at)"
+        " VALUES ('/srv/cam', 'sent.jpg', 'ds_1', 'sent.jpg', 10, 1, 'c1', '{}', 'm1', ?, 0, 0)",
+        (FileState.UPLOADED,),
+    )
+    for relpath, size_bytes, mtime_ns in (("parked.jpg", 20, 2), ("retried.jpg", -1, -1)):
+        db.execute(
+            "INSERT INTO files (watch, relpath, dataset_id, reference_id, size_bytes,"
+            " mtime_ns, metadata_json, metadata_sha256, state, last_error, first_seen_at,"
+            " changed_at) VALUES ('/srv/cam', ?, 'ds_1', '', ?, ?, '{}', '', ?, 'bad', 0, 0)",
+            (relpath, size_bytes, mtime_ns, FileState.FAILED),
+        )
+    db.close()
+    store = StateStore.open(path)
+    known = store.known_files("/srv/cam")
+    migrated = {
+        relpath: (k.classified, k.reexamine, k.size_bytes, k.mtime_ns)
+        for relpath, k in known.items()
+    }
+    assert migrated == {
+        "sent.jpg": (True, False, 10, 1),
+        "parked.jpg": (False, False, 20, 2),
+        "retried.jpg": (False, True, 0, 0),
+    }
+    records = {r.relpath: r.classified for r in store.records_in_state(FileState.FAILED)}
+    assert records == {"parked.jpg": False, "retried.jpg": False}
+    store.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 4
+
+
+def test_a_state_this_version_does_not_know_is_kept_as_read_and_counted_nowhere(
+    store: StateStore, tmp_path: Path
+) -> None:
+    store.record_candidate(candidate("a.jpg"))
+    store.record_candidate(candidate("b.jpg"))
+    with sqlite3.connect(tmp_path / "state.db") as db:  # as a newer version might leave it
+        db.execute("UPDATE files SET state = 'archived', last_error = 'x' WHERE relpath = 'b.jpg'")
+    db.close()
+    record = store.get("/srv/cam", "b.jpg")
+    assert record is not None and isinstance(record.state, UnknownState)
+    assert record.state == "archived"
+    assert store.state_counts() == {state: int(state == FileState.PENDING) for state in FileState}
+    assert store.counts() == {"/srv/cam": {FileState.PENDING: 1}}
+    assert [r.relpath for r in store.recent_errors()] == ["b.jpg"]
+
+
+def test_state_names_are_the_strings_the_database_and_status_use() -> None:
+    assert [state.value for state in FileState] == [
+        "pending",
+        "in_flight",
+        "uploaded",
+        "failed",
+        "incomplete",
+        "gone",
+    ]

@@ -15,7 +15,7 @@ from tests.imagefactory import write_jpeg
 from watcher.devserver import DevServer
 from watcher.nucleus import NucleusClient
 from watcher.pipeline import Uploader, UploadEvents, UploadPolicy
-from watcher.store import UPLOADED, Candidate, FileRecord, StateStore
+from watcher.store import Candidate, FileRecord, FileState, StateStore
 
 
 class SteppingWallClock(UploadEvents):
@@ -66,7 +66,9 @@ def test_backoff_and_retry_times_survive_the_wall_clock_stepping_back_an_hour(
     uploader = Uploader(store, client, policy, events=clock, clock=clock)
     uploader.start()
     try:
-        assert wait_until(lambda: store.state_counts()[UPLOADED] == 3, 15), store.state_counts()
+        assert wait_until(lambda: store.state_counts()[FileState.UPLOADED] == 3, 15), (
+            store.state_counts()
+        )
         assert clock.stepped.is_set()
     finally:
         assert uploader.stop(10)

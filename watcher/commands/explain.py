@@ -67,5 +67,5 @@ def _print_record(settings: Settings, plan: WatchPlan, relpath: str, metadata_sh
     print(f"state:        {record.state} (attempts {record.attempts})")
     if record.last_error:
         print(f"last error:   {record.last_error}")
-    if record.metadata_sha256 and record.metadata_sha256 != metadata_sha256:
+    if record.classified and record.metadata_sha256 != metadata_sha256:
         print("note:         rules changed since it was recorded; it will be re-sent as an update")

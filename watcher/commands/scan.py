@@ -18,7 +18,7 @@ from watcher.config import Settings
 from watcher.files import path_text
 from watcher.pipeline import Reconciler, UploadEvents, WatchPlan
 from watcher.pipeline import wiring as pipeline
-from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
+from watcher.store import FileRecord, FileState
 
 log = structlog.get_logger("watcher.scan")
 
@@ -144,7 +144,7 @@ def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int
     try:
         store.release_in_flight()
         store.reset_pending_attempts()
-        progress = ScanProgress(store.state_counts()[PENDING], sys.stderr)
+        progress = ScanProgress(store.state_counts()[FileState.PENDING], sys.stderr)
         uploader = pipeline.uploader(settings, store, client, progress)
         unsettled = _UnsettledFiles(settings, progress)
         # Uploads start while the walk goes on: the walk records files in chunks and wakes
@@ -175,8 +175,8 @@ def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int
         out.write(
             f"scan: {report.files_seen} files seen, {sent} uploaded"
             f" ({tally.new} new, {tally.updated} updated), {report.unchanged} unchanged,"
-            f" {counts[FAILED]} failed, {counts[INCOMPLETE]} incomplete,"
-            f" {counts[PENDING]} still pending in {seconds:.1f} s"
+            f" {counts[FileState.FAILED]} failed, {counts[FileState.INCOMPLETE]} incomplete,"
+            f" {counts[FileState.PENDING]} still pending in {seconds:.1f} s"
             f" ({sent / max(seconds, 1e-6):.1f} files/s,"
             f" {tally.bytes_sent / 1e6 / max(seconds, 1e-6):.1f} MB/s, {tally.requests} requests)\n"
         )
@@ -184,14 +184,14 @@ def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int
             out.write(f"  missing watch folder: {missing}\n")
         for path in still_settling:
             out.write(f"  still being written: {path_text(str(path))}\n")
-        problems = store.records_in_state(FAILED, limit=50) + store.records_in_state(
-            INCOMPLETE, limit=50
+        problems = store.records_in_state(FileState.FAILED, limit=50) + store.records_in_state(
+            FileState.INCOMPLETE, limit=50
         )
         for record in problems:
             out.write(f"  {record.state}: {record.shown_path}: {record.last_error}\n")
         if uploader.paused_reason is not None:
             out.write(f"  uploads paused: {uploader.paused_reason}\n")
-        if not drained or counts[PENDING] or problems or still_settling:
+        if not drained or counts[FileState.PENDING] or problems or still_settling:
             return 1
         return 0
     finally:

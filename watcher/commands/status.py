@@ -30,7 +30,7 @@ its keys are stable (scripts and monitoring read them):
         path, watch, relpath, dataset_id, reference_id, state, reason: str
         attempts         int
 
-Files are counted per known state (`watcher.store.STATES`), and the backlog is the states in
+Files are counted per known state (`watcher.store.FileState`), and the backlog is the states in
 `BACKLOG_STATES`, named one by one. A row in a state this version does not know (a newer
 version wrote it) is in no column and not in the backlog; it is listed under the last errors
 only if it left a reason, like any other row.
@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from watcher.config import Settings
-from watcher.store import IN_FLIGHT, PENDING, STATES, FileRecord, StateStore, watch_key
+from watcher.store import FileRecord, FileState, StateStore, watch_key
 
 # The files still to be sent: waiting for their turn, or being sent now.
-BACKLOG_STATES: Final = (PENDING, IN_FLIGHT)
+BACKLOG_STATES: Final = (FileState.PENDING, FileState.IN_FLIGHT)
 THROUGHPUT_WINDOWS_SECONDS = (60, 300, 900)
 MAX_ERRORS_SHOWN = 10
 _BYTES_PER_MB = 1_000_000
@@ -60,7 +60,7 @@ _BYTES_PER_MB = 1_000_000
 class WatchCounts:
     watch: str
     configured: bool
-    counts: dict[str, int]
+    counts: dict[FileState, int]
 
     @property
     def total(self) -> int:
@@ -86,8 +86,8 @@ class StatusReport:
     recent_errors: list[FileRecord]
 
     @property
-    def totals(self) -> dict[str, int]:
-        return {state: sum(w.counts[state] for w in self.watches) for state in STATES}
+    def totals(self) -> dict[FileState, int]:
+        return {state: sum(w.counts[state] for w in self.watches) for state in FileState}
 
     @property
     def backlog_files(self) -> int:
@@ -155,10 +155,10 @@ def read_status(settings: Settings, *, now: float) -> StatusReport:
     )
 
 
-def _known_state_counts(by_state: Mapping[str, int]) -> dict[str, int]:
-    """Files per known state, every one present (0 when none); states not in STATES are left out
-    (see the module docstring)."""
-    return {state: by_state.get(state, 0) for state in STATES}
+def _known_state_counts(by_state: Mapping[FileState, int]) -> dict[FileState, int]:
+    """Files per known state, every one present (0 when none); the store counts no state this
+    version does not know (see the module docstring)."""
+    return {state: by_state.get(state, 0) for state in FileState}
 
 
 # -- text ------------------------------------------------------------------------------------
@@ -177,17 +177,17 @@ def status_lines(report: StatusReport) -> list[str]:
 
 
 def _counts_table(report: StatusReport) -> list[str]:
-    header = ["watch", *STATES, "total"]
+    header = ["watch", *FileState, "total"]
     rows = [
         [
             w.watch if w.configured else f"{w.watch} (not in config)",
-            *(str(w.counts[state]) for state in STATES),
+            *(str(w.counts[state]) for state in FileState),
             str(w.total),
         ]
         for w in report.watches
     ]
     totals = report.totals
-    rows.append(["total", *(str(totals[state]) for state in STATES), str(sum(totals.values()))])
+    rows.append(["total", *(str(totals[state]) for state in FileState), str(sum(totals.values()))])
     return _aligned([header, *rows])
 
 
@@ -255,7 +255,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
     return {
         "state_path": str(report.state_path),
         "generated_at": report.generated_at,
-        "states": list(STATES),
+        "states": [state.value for state in FileState],
         "watches": [
             {"watch": w.watch, "configured": w.configured, "counts": w.counts, "total": w.total}
             for w in report.watches

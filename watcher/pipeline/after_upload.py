@@ -22,7 +22,7 @@ import structlog
 from watcher.errors import NotARegularFile
 from watcher.files import open_regular_file, path_from_text
 from watcher.pipeline.upload_events import UploadEvents
-from watcher.store import UPLOADED, FileRecord, StateStore
+from watcher.store import FileRecord, FileState, StateStore
 
 log = structlog.get_logger("watcher.disk")
 
@@ -70,7 +70,11 @@ def compare_with_dataset(store: StateStore, record: FileRecord) -> tuple[LocalCo
     describe a newer version that was never sent (a change during an asynchronous job).
     """
     current = store.get(record.watch, record.relpath)
-    if current is None or current.state != UPLOADED or current.confirmed_content_sha256 is None:
+    if (
+        current is None
+        or current.state != FileState.UPLOADED
+        or current.confirmed_content_sha256 is None
+    ):
         state = "missing" if current is None else current.state
         return (
             LocalCopy.CHANGED,

@@ -29,10 +29,8 @@ from watcher.files import (
 )
 from watcher.rules import RuleSet
 from watcher.store import (
-    FAILED,
-    GONE,
-    INCOMPLETE,
     Candidate,
+    FileState,
     KnownFile,
     StateStore,
     watch_root,
@@ -237,7 +235,9 @@ class Reconciler:
                 log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
             return "gone"
         except OSError as exc:
-            return self._problem(plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}")
+            return self._problem(
+                plan, path, relpath, None, FileState.FAILED, f"cannot stat: {exc.strerror}"
+            )
         known = self._store.known_file(plan.key, relpath)
         result = self._examine_guarded(plan, path, relpath, st, known, settled)
         if not isinstance(result, _Pending):
@@ -257,7 +257,9 @@ class Reconciler:
         except FileNotFoundError:
             return "gone"
         except OSError as exc:
-            return self._problem(plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}")
+            return self._problem(
+                plan, path, relpath, None, FileState.FAILED, f"cannot stat: {exc.strerror}"
+            )
         if not stat.S_ISREG(st.st_mode):
             return self.consider(plan, path, settled=True)
         log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
@@ -267,11 +269,11 @@ class Reconciler:
             dataset_id=plan.dataset_id,
             size_bytes=st.st_size,
             mtime_ns=st.st_mtime_ns,
-            state=INCOMPLETE,
+            state=FileState.INCOMPLETE,
             reason=reason,
             now=self._clock(),
         )
-        return INCOMPLETE
+        return FileState.INCOMPLETE
 
     def _examine_guarded(
         self,
@@ -290,11 +292,16 @@ class Reconciler:
             log.exception("file_examine_failed", path=str(path), dataset_id=plan.dataset_id)
             try:
                 return self._problem(
-                    plan, path, relpath, st, FAILED, f"internal error: {type(exc).__name__}: {exc}"
+                    plan,
+                    path,
+                    relpath,
+                    st,
+                    FileState.FAILED,
+                    f"internal error: {type(exc).__name__}: {exc}",
                 )
             except Exception:
                 log.exception("file_problem_unrecorded", path=str(path))
-                return FAILED
+                return FileState.FAILED
 
     def _examine(
         self,
@@ -307,17 +314,20 @@ class Reconciler:
     ) -> str | _Pending:
         """An outcome when the file needs no write (or is a problem), else what to record."""
         if stat.S_ISLNK(st.st_mode):
-            return self._problem(plan, path, relpath, st, FAILED, "symbolic link (not followed)")
+            return self._problem(
+                plan, path, relpath, st, FileState.FAILED, "symbolic link (not followed)"
+            )
         if not stat.S_ISREG(st.st_mode):
-            return self._problem(plan, path, relpath, st, FAILED, "not a regular file")
+            return self._problem(plan, path, relpath, st, FileState.FAILED, "not a regular file")
         unchanged_on_disk = (
             known is not None
-            and known.state != GONE
+            and known.state != FileState.GONE
+            and not known.reexamine
             and known.size_bytes == st.st_size
             and known.mtime_ns == st.st_mtime_ns
         )
         if unchanged_on_disk and known is not None:
-            if known.state in (FAILED, INCOMPLETE) and known.metadata_sha256 == "":
+            if known.state in (FileState.FAILED, FileState.INCOMPLETE) and not known.classified:
                 return "unchanged"  # parked before classification; waits for a change or `retry`
             # Same bytes as recorded: reuse the recorded hash, only the rules may have changed.
             return self._classify(plan, path, relpath, st, known.content_sha256, known)
@@ -326,14 +336,14 @@ class Reconciler:
                 self._on_unsettled(plan, path)
             return "unsettled"
         if st.st_size == 0:
-            return self._problem(plan, path, relpath, st, INCOMPLETE, "zero-byte file")
+            return self._problem(plan, path, relpath, st, FileState.INCOMPLETE, "zero-byte file")
         if st.st_size > self._max_file_bytes:
             return self._problem(
                 plan,
                 path,
                 relpath,
                 st,
-                FAILED,
+                FileState.FAILED,
                 f"{st.st_size} bytes is over upload.max_file_bytes ({self._max_file_bytes})",
             )
         try:
@@ -341,12 +351,14 @@ class Reconciler:
         except FileNotFoundError:
             return "gone"
         except OSError as exc:
-            return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
+            return self._problem(
+                plan, path, relpath, st, FileState.FAILED, f"unreadable: {exc.strerror}"
+            )
         if isinstance(inspected, tuple):
             return self._problem(plan, path, relpath, st, *inspected)
         return self._classify(plan, path, relpath, st, inspected, known)
 
-    def _inspect(self, path: Path, *, check_complete: bool) -> str | tuple[str, str]:
+    def _inspect(self, path: Path, *, check_complete: bool) -> str | tuple[FileState, str]:
         """The content's sha256, or (state, reason) when the bytes cannot go as they are.
 
         One open for everything: the signature, the completeness check (skipped when the
@@ -355,11 +367,11 @@ class Reconciler:
         with open_regular_file(path) as f:
             fd = f.fileno()
             if sniff_image_type(os.pread(fd, _HEAD_BYTES, 0)) is None:
-                return FAILED, "not an image (unknown file signature)"
+                return FileState.FAILED, "not an image (unknown file signature)"
             if self._verify_image and check_complete:
                 reason = check_open_image_complete(fd, os.fstat(fd).st_size)
                 if reason is not None:
-                    return INCOMPLETE, reason
+                    return FileState.INCOMPLETE, reason
             return hashlib.file_digest(f, "sha256").hexdigest()
 
     def _classify(
@@ -375,17 +387,21 @@ class Reconciler:
             try:
                 content_sha256 = file_sha256(path)
             except OSError as exc:
-                return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
+                return self._problem(
+                    plan, path, relpath, st, FileState.FAILED, f"unreadable: {exc.strerror}"
+                )
         digest = content_sha256
         try:
             classification = plan.rules.classify(
                 relpath, mtime_ns=st.st_mtime_ns, sha256=lambda: digest
             )
         except PathRuleError as exc:
-            return self._problem(plan, path, relpath, st, FAILED, f"path rules: {exc}")
+            return self._problem(plan, path, relpath, st, FileState.FAILED, f"path rules: {exc}")
         if (
             known is not None
-            and known.state != GONE
+            and known.classified
+            and known.state != FileState.GONE
+            and not known.reexamine
             and known.size_bytes == st.st_size
             and known.mtime_ns == st.st_mtime_ns
             and known.metadata_sha256 == classification.metadata_sha256
@@ -451,7 +467,7 @@ class Reconciler:
             pending.path,
             candidate.relpath,
             pending.st,
-            FAILED,
+            FileState.FAILED,
             f"reference_id {candidate.reference_id!r} is already used by {other_path}",
         )
 
@@ -461,7 +477,7 @@ class Reconciler:
         path: Path,
         relpath: str,
         st: os.stat_result | None,
-        state: str,
+        state: FileState,
         reason: str,
     ) -> str:
         log.warning(
@@ -475,8 +491,8 @@ class Reconciler:
             watch=plan.key,
             relpath=relpath,
             dataset_id=plan.dataset_id,
-            size_bytes=st.st_size if st is not None else -1,
-            mtime_ns=st.st_mtime_ns if st is not None else -1,
+            size_bytes=st.st_size if st is not None else None,
+            mtime_ns=st.st_mtime_ns if st is not None else None,
             state=state,
             reason=reason,
             now=self._clock(),

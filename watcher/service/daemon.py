@@ -39,7 +39,7 @@ from watcher.pipeline import wiring as pipeline
 from watcher.service.logs import add_secret
 from watcher.service.metrics import Metrics, UploadMetrics
 from watcher.service.sdnotify import SystemdNotifier
-from watcher.store import INCOMPLETE, StateStore, retry_request_path
+from watcher.store import FileState, StateStore, retry_request_path
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -113,7 +113,7 @@ class Daemon:
     def _on_incomplete(self, path: Path, reason: str) -> None:
         assert self._reconciler is not None
         for plan, _relpath in self._plans_for(path):
-            if self._reconciler.record_incomplete(plan, path, reason) == INCOMPLETE:
+            if self._reconciler.record_incomplete(plan, path, reason) == FileState.INCOMPLETE:
                 self._metrics.incomplete_files_total.labels(watch=plan.key).inc()
 
     def _on_unsettled(self, plan: WatchPlan, path: Path) -> None:
@@ -200,7 +200,10 @@ class Daemon:
             first_seen = store.oldest_pending_first_seen()
             return None if first_seen is None else max(0.0, time.time() - first_seen)
 
-        self._metrics.set_queue_depth_source(store.state_counts)
+        def queue_depths() -> dict[str, int]:
+            return {state.value: count for state, count in store.state_counts().items()}
+
+        self._metrics.set_queue_depth_source(queue_depths)
         self._metrics.set_oldest_pending_source(oldest_pending_age)
         if self._settings.metrics.listen_address is not None:
             self._metrics.start_http_server(*self._settings.metrics.listen_address)
@@ -377,8 +380,8 @@ class Daemon:
         counts = self._store.state_counts()
         paused = self._uploader.paused_reason if self._uploader else None
         text = (
-            f"{counts['pending']} pending, {counts['in_flight']} in flight,"
-            f" {counts['uploaded']} uploaded, {counts['failed']} failed"
+            f"{counts[FileState.PENDING]} pending, {counts[FileState.IN_FLIGHT]} in flight,"
+            f" {counts[FileState.UPLOADED]} uploaded, {counts[FileState.FAILED]} failed"
         )
         return f"{text}; PAUSED: {paused}" if paused else text
 
