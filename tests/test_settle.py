@@ -42,6 +42,19 @@ class Outcomes:
             return self.cond.wait_for(predicate, timeout)
 
 
+@dataclass
+class ReadyHook:
+    """A sink that hands each ready file to one function and ignores the rest."""
+
+    hook: Callable[[Path, os.stat_result], None]
+
+    def on_ready(self, path: Path, st: os.stat_result) -> None:
+        self.hook(path, st)
+
+    def on_incomplete(self, path: Path, reason: str) -> None:
+        pass
+
+
 SettlerFactory = Callable[..., tuple[Settler, Outcomes]]
 
 
@@ -65,12 +78,11 @@ def make_settler() -> Iterator[SettlerFactory]:
             "settle_seconds": 0.3,
             "max_wait_seconds": 30.0,
             "verify_image": True,
-            "on_ready": outcomes.on_ready,
-            "on_incomplete": outcomes.on_incomplete,
         }
+        sink = overrides.pop("sink", outcomes)
         params.update(overrides)
         settler = Settler(**params)  # type: ignore[arg-type]
-        settler.start()
+        settler.start(sink)  # type: ignore[arg-type]
         started.append(settler)
         return settler, outcomes
 
@@ -336,7 +348,7 @@ def test_callbacks_run_outside_the_settler_lock(
         if not probe.is_alive():
             other_thread_got_through.set()
 
-    settler, _ = make_settler(on_ready=on_ready)
+    settler, _ = make_settler(sink=ReadyHook(on_ready))
     settler_box.append(settler)
     path = tmp_path / "x.jpg"
     path.write_bytes(jpeg_bytes())
@@ -356,7 +368,7 @@ def test_a_failing_callback_does_not_stop_the_settler(
             raise RuntimeError("consumer bug")
         done.set()
 
-    settler, _ = make_settler(on_ready=on_ready)
+    settler, _ = make_settler(sink=ReadyHook(on_ready))
     first, second = tmp_path / "1.jpg", tmp_path / "2.jpg"
     first.write_bytes(jpeg_bytes(seed=1))
     second.write_bytes(jpeg_bytes(seed=2))
@@ -377,8 +389,6 @@ def test_refuses_unusable_timings(settle_seconds: float, max_wait_seconds: float
             settle_seconds=settle_seconds,
             max_wait_seconds=max_wait_seconds,
             verify_image=True,
-            on_ready=lambda path, st: None,
-            on_incomplete=lambda path, reason: None,
         )
 
 

@@ -88,12 +88,10 @@ class _UnsettledFiles:
         self._plans: dict[Path, list[WatchPlan]] = {}
         self.outcomes: list[str] = []
         self.reconciler: Reconciler | None = None
-        self._settler = pipeline.settler(
-            settings, on_ready=self._ready, on_incomplete=self._incomplete
-        )
+        self._settler = pipeline.settler(settings)
 
     def start(self) -> None:
-        self._settler.start()
+        self._settler.start(self)
 
     def stop(self) -> None:
         self._settler.stop()
@@ -113,7 +111,7 @@ class _UnsettledFiles:
             time.sleep(0.05)
         return self._settler.pending_paths()
 
-    def _ready(self, path: Path, _stat: os.stat_result) -> None:
+    def on_ready(self, path: Path, _stat: os.stat_result) -> None:
         assert self.reconciler is not None
         for plan in self._plans_of(path):
             outcome = self.reconciler.consider(plan, path, settled=True)
@@ -122,7 +120,7 @@ class _UnsettledFiles:
                 if outcome in ("new", "changed"):
                     self._progress.total += 1
 
-    def _incomplete(self, path: Path, reason: str) -> None:
+    def on_incomplete(self, path: Path, reason: str) -> None:
         assert self.reconciler is not None
         for plan in self._plans_of(path):
             outcome = self.reconciler.record_incomplete(plan, path, reason)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -55,6 +55,16 @@ def _observation_of(st: os.stat_result) -> _Observation:
 
 # Stands in for the observation of a file that could not be stat'ed, so that parking works for it.
 _UNREADABLE = _Observation(-1, -1)
+
+
+class SettleSink(Protocol):
+    """Where the settler reports; called on its thread, outside its lock."""
+
+    def on_ready(self, path: Path, st: os.stat_result) -> None:
+        """`path` is completely written; `st` is the lstat it was judged on."""
+
+    def on_incomplete(self, path: Path, reason: str) -> None:
+        """`path` never became ready within max_wait (or is no regular file): why."""
 
 
 @dataclass
@@ -94,11 +104,10 @@ class _Verdict:
 
 
 class Settler:
-    """Reports each submitted path once it is completely written.
+    """Reports each submitted path to the sink given to `start` once it is completely written.
 
-    `on_ready(path, stat_result)` and `on_incomplete(path, reason)` run on the settler's thread,
-    never under its lock, so they may call `submit` or `forget`. Keep them quick: the next
-    deadline waits for them.
+    The sink's methods run on the settler's thread, never under its lock, so they may call
+    `submit` or `forget`. Keep them quick: the next deadline waits for them.
     """
 
     def __init__(
@@ -107,8 +116,6 @@ class Settler:
         settle_seconds: float,
         max_wait_seconds: float,
         verify_image: bool,
-        on_ready: Callable[[Path, os.stat_result], None],
-        on_incomplete: Callable[[Path, str], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if settle_seconds <= 0:
@@ -121,8 +128,6 @@ class Settler:
         self._settle_seconds = settle_seconds
         self._max_wait_seconds = max_wait_seconds
         self._verify_image = verify_image
-        self._on_ready = on_ready
-        self._on_incomplete = on_incomplete
         self._clock = clock
         self._cond = threading.Condition()
         self._candidates: dict[Path, _Candidate] = {}
@@ -133,11 +138,14 @@ class Settler:
 
     # -- called from any thread ------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, sink: SettleSink) -> None:
+        """Start the thread that reports finished (or abandoned) files to `sink`."""
         with self._cond:
             if self._thread is not None:
                 raise RuntimeError("Settler already started")
-            self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(sink,), name="settler", daemon=True
+            )
         self._thread.start()
 
     def stop(self) -> None:
@@ -195,7 +203,7 @@ class Settler:
 
     # -- the settler thread ----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, sink: SettleSink) -> None:
         while True:
             with self._cond:
                 candidate = self._wait_for_due()
@@ -212,7 +220,7 @@ class Settler:
                 look = _Look(unreadable_reason=f"internal error: {type(exc).__name__}: {exc}")
             with self._cond:
                 verdict = self._decide(candidate, submits, look)
-            self._report(candidate.path, verdict)
+            _report(sink, candidate.path, verdict)
 
     def _wait_for_due(self) -> _Candidate | None:
         """Under the lock: sleep until a candidate is due; None when stopping."""
@@ -368,14 +376,15 @@ class Settler:
         heapq.heappush(self._heap, (deadline, token, candidate.path))
         self._cond.notify()
 
-    def _report(self, path: Path, verdict: _Verdict) -> None:
-        try:
-            if verdict.ready_stat is not None:
-                log.debug("settle_ready", path=str(path), size_bytes=verdict.ready_stat.st_size)
-                self._on_ready(path, verdict.ready_stat)
-            elif verdict.incomplete_reason is not None:
-                log.info("settle_incomplete", path=str(path), reason=verdict.incomplete_reason)
-                self._on_incomplete(path, verdict.incomplete_reason)
-        except Exception:
-            # A failing consumer must not stop the settling of every other file.
-            log.exception("settle_callback_failed", path=str(path))
+
+def _report(sink: SettleSink, path: Path, verdict: _Verdict) -> None:
+    try:
+        if verdict.ready_stat is not None:
+            log.debug("settle_ready", path=str(path), size_bytes=verdict.ready_stat.st_size)
+            sink.on_ready(path, verdict.ready_stat)
+        elif verdict.incomplete_reason is not None:
+            log.info("settle_incomplete", path=str(path), reason=verdict.incomplete_reason)
+            sink.on_incomplete(path, verdict.incomplete_reason)
+    except Exception:
+        # A failing consumer must not stop the settling of every other file.
+        log.exception("settle_callback_failed", path=str(path))

@@ -1,4 +1,5 @@
-"""Builds the pipeline's parts from the settings, each given only its own part of them.
+"""Builds the pipeline's parts from the settings, each given only its own part of them, and
+connects them: `build_live` hands `run` every part, built, before its loop starts.
 
 `scan` and `run` share this so the two commands cannot drift apart in how they upload.
 """
@@ -6,16 +7,25 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+import structlog
 
 from watcher.config import Settings, compile_rules
 from watcher.files import PathFilter
 from watcher.nucleus import NucleusClient, TokenBucket
-from watcher.pipeline.reconcile import Reconciler, WatchPlan
+from watcher.pipeline.disk import AfterUpload, FanOutEvents
+from watcher.pipeline.intake import Intake, WatchSpec
+from watcher.pipeline.reconcile import Reconciler, WatchPlan, plans_for
 from watcher.pipeline.settle import Settler
 from watcher.pipeline.uploader import Uploader, UploadEvents, UploadPolicy
-from watcher.store import StateStore, watch_key, watch_key_aliases
+from watcher.store import INCOMPLETE, StateStore, watch_key, watch_key_aliases
+
+# The routing below used to live in the daemon; its log lines keep the daemon's logger name.
+log = structlog.get_logger("watcher.daemon")
 
 
 def watch_plans(settings: Settings) -> list[WatchPlan]:
@@ -87,19 +97,12 @@ def reconciler(
     )
 
 
-def settler(
-    settings: Settings,
-    *,
-    on_ready: Callable[[Path, os.stat_result], None],
-    on_incomplete: Callable[[Path, str], None],
-) -> Settler:
+def settler(settings: Settings) -> Settler:
     """The one judge of "is this file finished?" for `run` and `scan` alike."""
     return Settler(
         settle_seconds=settings.settle.seconds,
         max_wait_seconds=settings.settle.max_wait_seconds,
         verify_image=settings.settle.verify_image,
-        on_ready=on_ready,
-        on_incomplete=on_incomplete,
     )
 
 
@@ -107,3 +110,153 @@ def uploader(
     settings: Settings, store: StateStore, client: NucleusClient, events: UploadEvents | None
 ) -> Uploader:
     return Uploader(store, client, upload_policy(settings), events=events)
+
+
+def watch_specs(plans: Sequence[WatchPlan]) -> list[WatchSpec]:
+    """What the intake needs of each watch."""
+    return [
+        WatchSpec(
+            key=plan.key,
+            root=plan.root,
+            recursive=plan.recursive,
+            path_filter=plan.path_filter,
+            polling=plan.polling,
+        )
+        for plan in plans
+    ]
+
+
+class LiveEvents(Protocol):
+    """What `run` counts about files on their way in (the service turns it into metrics)."""
+
+    def seen(self, watch: str) -> None:
+        """The intake saw an event for a file of `watch`."""
+
+    def settled(self, watch: str) -> None:
+        """The settler found a file of `watch` finished."""
+
+    def incomplete(self, watch: str) -> None:
+        """A file of `watch` was recorded incomplete: it never finished within max_wait."""
+
+
+class LiveRoutes:
+    """Carries each live stage's output to the next and holds the current watches.
+
+    Intake events go to the settler, finished files to the reconciler. The methods run on the
+    intake's and the settler's threads: they hand on and return.
+    """
+
+    def __init__(
+        self,
+        plans: Sequence[WatchPlan],
+        *,
+        store: StateStore,
+        settler: Settler,
+        reconciler: Reconciler,
+        events: LiveEvents,
+    ) -> None:
+        # Replaced whole on reload, never changed in place: readers on other threads see
+        # either the old watches or the new ones.
+        self.plans: tuple[WatchPlan, ...] = tuple(plans)
+        self._store = store
+        self._settler = settler
+        self._reconciler = reconciler
+        self._events = events
+
+    def replan(self, plans: Sequence[WatchPlan]) -> None:
+        """A reloaded config's watches."""
+        self.plans = tuple(plans)
+
+    # -- from the intake -------------------------------------------------------------------
+
+    def on_candidate(self, key: str, path: Path, closed: bool) -> None:
+        self._events.seen(key)
+        self._settler.submit(path, closed=closed)
+
+    def on_deleted(self, key: str, path: Path) -> None:
+        self._settler.forget(path)
+        for plan, relpath in plans_for(self.plans, path):
+            if self._store.mark_gone(plan.key, relpath):
+                log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
+
+    # -- from the settler ------------------------------------------------------------------
+
+    def on_ready(self, path: Path, st: os.stat_result) -> None:
+        for plan, _relpath in plans_for(self.plans, path):
+            self._events.settled(plan.key)
+            self._reconciler.consider(plan, path, settled=True)
+
+    def on_incomplete(self, path: Path, reason: str) -> None:
+        for plan, _relpath in plans_for(self.plans, path):
+            if self._reconciler.record_incomplete(plan, path, reason) == INCOMPLETE:
+                self._events.incomplete(plan.key)
+
+
+@dataclass(frozen=True)
+class LivePipeline:
+    """Every part `run` needs, built and connected; `start` sets them going."""
+
+    store: StateStore
+    client: NucleusClient
+    uploader: Uploader
+    reconciler: Reconciler
+    settler: Settler
+    intake: Intake
+    routes: LiveRoutes
+
+    def start(self) -> None:
+        """Uploads, settling, then watching: call it before the start-up reconcile, so nothing
+        written meanwhile falls between the walk and the watch."""
+        self.uploader.start()
+        self.settler.start(self.routes)
+        self.intake.start(watch_specs(self.routes.plans))
+
+    def stop(self, upload_stop_timeout_seconds: float) -> None:
+        self.intake.stop()
+        self.settler.stop()
+        self.uploader.stop(upload_stop_timeout_seconds)
+
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()
+
+
+def build_live(
+    settings: Settings,
+    api_key: str,
+    *,
+    upload_events: UploadEvents,
+    events: LiveEvents,
+    on_rescan_needed: Callable[[str | None, str], None],
+) -> LivePipeline:
+    """Open the store and build every part of `run`, connected; nothing is started."""
+    plans = watch_plans(settings)
+    store = open_store(settings)
+    try:
+        client = nucleus_client(settings, api_key)
+    except BaseException:
+        store.close()
+        raise
+    archive_dir = Path(settings.upload.archive_dir) if settings.upload.archive_dir else None
+    after_upload = AfterUpload(settings.upload.after_upload, archive_dir, store)
+    uploader_ = uploader(settings, store, client, FanOutEvents([upload_events, after_upload]))
+    settler_ = settler(settings)
+    reconciler_ = reconciler(
+        settings,
+        store,
+        on_unsettled=lambda _plan, path: settler_.submit(path),
+        on_queued=uploader_.wake,
+    )
+    routes = LiveRoutes(
+        plans,
+        store=store,
+        settler=settler_,
+        reconciler=reconciler_,
+        events=events,
+    )
+    intake = Intake(
+        on_candidate=routes.on_candidate,
+        on_deleted=routes.on_deleted,
+        on_rescan_needed=on_rescan_needed,
+    )
+    return LivePipeline(store, client, uploader_, reconciler_, settler_, intake, routes)
