@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.imagefactory import jpeg_bytes
-from watcher.pipeline import CLOSE_GRACE_SECONDS, Settler
+from watcher.pipeline import CLOSE_GRACE_SECONDS, IncompleteFile, ReadyFile, Settler
 
 WAIT_SECONDS = 10.0  # upper bound for anything we wait for; never reached when things work
 
@@ -25,16 +25,16 @@ class Outcomes:
     ready: list[tuple[Path, bytes]] = field(default_factory=list)
     incomplete: list[tuple[Path, str]] = field(default_factory=list)
 
-    def on_ready(self, path: Path, st: os.stat_result) -> None:
-        data = path.read_bytes()
-        assert st.st_size == len(data)
+    def on_ready(self, file: ReadyFile) -> None:
+        data = file.path.read_bytes()
+        assert file.st.st_size == len(data)
         with self.cond:
-            self.ready.append((path, data))
+            self.ready.append((file.path, data))
             self.cond.notify_all()
 
-    def on_incomplete(self, path: Path, reason: str) -> None:
+    def on_incomplete(self, file: IncompleteFile) -> None:
         with self.cond:
-            self.incomplete.append((path, reason))
+            self.incomplete.append((file.path, file.reason))
             self.cond.notify_all()
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT_SECONDS) -> bool:
@@ -48,10 +48,10 @@ class ReadyHook:
 
     hook: Callable[[Path, os.stat_result], None]
 
-    def on_ready(self, path: Path, st: os.stat_result) -> None:
-        self.hook(path, st)
+    def on_ready(self, file: ReadyFile) -> None:
+        self.hook(file.path, file.st)
 
-    def on_incomplete(self, path: Path, reason: str) -> None:
+    def on_incomplete(self, file: IncompleteFile) -> None:
         pass
 
 

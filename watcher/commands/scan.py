@@ -3,7 +3,6 @@ jobs, print a summary; exit 0 when everything is confirmed, 1 when some items ar
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ import structlog
 
 from watcher.config import Settings
 from watcher.files import path_text
-from watcher.pipeline import Reconciler, UploadEvents, WatchPlan
+from watcher.pipeline import IncompleteFile, ReadyFile, Reconciler, UploadEvents, WatchPlan
 from watcher.pipeline import wiring as pipeline
 from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
 
@@ -84,8 +83,6 @@ class _UnsettledFiles:
     def __init__(self, settings: Settings, progress: ScanProgress) -> None:
         self._progress = progress
         self._lock = threading.Lock()
-        # Every watch that found the path still changing (one folder may feed two datasets).
-        self._plans: dict[Path, list[WatchPlan]] = {}
         self.outcomes: list[str] = []
         self.reconciler: Reconciler | None = None
         self._settler = pipeline.settler(settings)
@@ -97,11 +94,8 @@ class _UnsettledFiles:
         self._settler.stop()
 
     def submit(self, plan: WatchPlan, path: Path) -> None:
-        with self._lock:
-            plans = self._plans.setdefault(path, [])
-            if plan not in plans:
-                plans.append(plan)
-        self._settler.submit(path)
+        # Every watch that found the path still changing (one folder may feed two datasets).
+        self._settler.submit(path, (plan,))
 
     def wait(self, timeout_seconds: float) -> list[Path]:
         """Until every submitted file is ready, vanished or reported incomplete; the paths
@@ -111,25 +105,21 @@ class _UnsettledFiles:
             time.sleep(0.05)
         return self._settler.pending_paths()
 
-    def on_ready(self, path: Path, _stat: os.stat_result) -> None:
+    def on_ready(self, file: ReadyFile) -> None:
         assert self.reconciler is not None
-        for plan in self._plans_of(path):
-            outcome = self.reconciler.consider(plan, path, settled=True)
+        for plan in file.plans:
+            outcome = self.reconciler.record_settled(plan, file.path, file.st)
             with self._lock:
                 self.outcomes.append(outcome)
                 if outcome in ("new", "changed"):
                     self._progress.total += 1
 
-    def on_incomplete(self, path: Path, reason: str) -> None:
+    def on_incomplete(self, file: IncompleteFile) -> None:
         assert self.reconciler is not None
-        for plan in self._plans_of(path):
-            outcome = self.reconciler.record_incomplete(plan, path, reason)
+        for plan in file.plans:
+            outcome = self.reconciler.record_incomplete(plan, file.path, file.st, file.reason)
             with self._lock:
                 self.outcomes.append(outcome)
-
-    def _plans_of(self, path: Path) -> list[WatchPlan]:
-        with self._lock:
-            return list(self._plans.get(path, ()))
 
 
 def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int:

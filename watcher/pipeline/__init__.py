@@ -13,11 +13,13 @@ from watcher.pipeline.intake import WatchSpec as WatchSpec
 from watcher.pipeline.link_rate import START_RATE_BYTES_PER_SECOND as START_RATE_BYTES_PER_SECOND
 from watcher.pipeline.link_rate import LinkRate as LinkRate
 from watcher.pipeline.link_rate import RequestShape as RequestShape
+from watcher.pipeline.plans import WatchPlan as WatchPlan
+from watcher.pipeline.plans import plans_for as plans_for
 from watcher.pipeline.reconcile import Reconciler as Reconciler
-from watcher.pipeline.reconcile import WatchPlan as WatchPlan
 from watcher.pipeline.reconcile import file_sha256 as file_sha256
-from watcher.pipeline.reconcile import plans_for as plans_for
 from watcher.pipeline.settle import CLOSE_GRACE_SECONDS as CLOSE_GRACE_SECONDS
+from watcher.pipeline.settle import IncompleteFile as IncompleteFile
+from watcher.pipeline.settle import ReadyFile as ReadyFile
 from watcher.pipeline.settle import Settler as Settler
 from watcher.pipeline.uploader import Uploader as Uploader
 from watcher.pipeline.uploader import UploadEvents as UploadEvents

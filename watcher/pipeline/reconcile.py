@@ -1,9 +1,10 @@
 """From a file on disk to a row in the queue: the reconcile walk and the per-file decision.
 
-Both the live path (a file the settler found finished) and the walk (start-up, timer, after an
-overflow, `scan`) end in `Reconciler.consider`, so there is one definition of "must this be sent".
-The walk is cheap on purpose: one stat per file and one dict lookup against the store's record;
-a file is hashed only when its size or mtime differ from what was recorded.
+Both the live path (a file the settler found finished, with the lstat it was judged on) and the
+walk (start-up, timer, after an overflow, `scan`) end in `Reconciler._examine`, so there is one
+definition of "must this be sent". The walk is cheap on purpose: one stat per file and one dict
+lookup against the store's record; a file is hashed only when its size or mtime differ from
+what was recorded, and the bytes hashed are checked to still be those of that stat.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import structlog
 
 from watcher.errors import PathRuleError
 from watcher.files import (
-    PathFilter,
     check_open_image_complete,
     open_regular_file,
     path_from_text,
     path_text,
     sniff_image_type,
 )
-from watcher.rules import RuleSet
+from watcher.pipeline.plans import WatchPlan, relpath_of
 from watcher.store import (
     FAILED,
     GONE,
@@ -46,6 +47,13 @@ _HEAD_BYTES = 64
 _RECORD_CHUNK_FILES = 256
 
 
+class _Changed(Enum):
+    SINCE_STAT = "changed since its lstat"
+
+
+_CHANGED_SINCE_STAT = _Changed.SINCE_STAT
+
+
 @dataclass(frozen=True)
 class _Pending:
     """A file the walk found new or changed, waiting for its chunk to be recorded."""
@@ -53,20 +61,6 @@ class _Pending:
     candidate: Candidate
     path: Path
     st: os.stat_result
-
-
-@dataclass(frozen=True)
-class WatchPlan:
-    """One `[[watch]]`, compiled: what the reconcile and the live intake need of it."""
-
-    key: str  # names the watch in the store, logs and metrics (see store.watch_key)
-    root: Path
-    dataset_id: str
-    recursive: bool
-    path_filter: PathFilter
-    rules: RuleSet
-    polling: bool = False
-    aliases: tuple[str, ...] = ()  # keys this watch had under other configs (store.watch_key)
 
 
 @dataclass
@@ -98,26 +92,6 @@ class ReconcileReport:
             self.unsettled += 1
         else:
             self.problems += 1
-
-
-def relpath_of(root: Path, path: Path) -> str | None:
-    """`path` relative to `root` with "/" separators, in its text form (see pathtext.py), or
-    None if it is not inside `root`."""
-    try:
-        return path_text(path.relative_to(root).as_posix())
-    except ValueError:
-        return None
-
-
-def plans_for(plans: Sequence[WatchPlan], path: Path) -> list[tuple[WatchPlan, str]]:
-    """Every watch that sees `path` (one folder may feed several datasets; a watch inside
-    another's folder feeds another dataset), with the path's relpath in each."""
-    found = []
-    for plan in plans:
-        relpath = relpath_of(plan.root, path)
-        if relpath is not None and (plan.recursive or "/" not in relpath):
-            found.append((plan, relpath))
-    return found
 
 
 def file_sha256(path: Path) -> str:
@@ -225,41 +199,46 @@ class Reconciler:
 
     # -- one file --------------------------------------------------------------------------
 
-    def consider(self, plan: WatchPlan, path: Path, *, settled: bool) -> str:
-        """A single file (from the settler, or `explain`): record it and say what happened."""
+    def record_settled(self, plan: WatchPlan, path: Path, st: os.stat_result) -> str:
+        """A file the settler found finished, recorded from the lstat it was judged on; say
+        what happened. Should the bytes no longer match that lstat when they are read, the file
+        changed after the decision and goes back to settling."""
         relpath = relpath_of(plan.root, path)
-        if relpath is None or not plan.path_filter.accepts(relpath):
+        if relpath is None:
             return "excluded"
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
+        known = self._store.known_file(plan.key, relpath)
+        result = self._examine_guarded(plan, path, relpath, st, known, settled=True)
+        if result == "gone":
             if self._store.mark_gone(plan.key, relpath):
                 log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
-            return "gone"
-        except OSError as exc:
-            return self._problem(plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}")
-        known = self._store.known_file(plan.key, relpath)
-        result = self._examine_guarded(plan, path, relpath, st, known, settled)
+            return result
         if not isinstance(result, _Pending):
             return result
         report = ReconcileReport()
         self._record(plan, [result], report)
         return report.last_outcome
 
-    def record_incomplete(self, plan: WatchPlan, path: Path, reason: str) -> str:
-        """The settler gave up on `path` (never finished within max_wait): record why. A
-        symlink or FIFO is not "still being written" and is recorded as the walk would."""
+    def record_incomplete(
+        self, plan: WatchPlan, path: Path, st: os.stat_result | None, reason: str
+    ) -> str:
+        """The settler gave up on `path` (never finished within max_wait) at lstat `st`:
+        record why. A symlink or FIFO is not "still being written" and is recorded as the walk
+        would."""
         relpath = relpath_of(plan.root, path)
         if relpath is None:
             return "excluded"
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return "gone"
-        except OSError as exc:
-            return self._problem(plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}")
+        if st is None:
+            # The settler could not lstat it; whatever we find now is what gets recorded.
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                return "gone"
+            except OSError as exc:
+                return self._problem(
+                    plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}"
+                )
         if not stat.S_ISREG(st.st_mode):
-            return self.consider(plan, path, settled=True)
+            return self.record_settled(plan, path, st)
         log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
         self._store.record_problem(
             watch=plan.key,
@@ -322,9 +301,7 @@ class Reconciler:
             # Same bytes as recorded: reuse the recorded hash, only the rules may have changed.
             return self._classify(plan, path, relpath, st, known.content_sha256, known)
         if not settled and self._clock() - st.st_mtime < self._settle_seconds:
-            if self._on_unsettled is not None:
-                self._on_unsettled(plan, path)
-            return "unsettled"
+            return self._unsettled(plan, path)
         if st.st_size == 0:
             return self._problem(plan, path, relpath, st, INCOMPLETE, "zero-byte file")
         if st.st_size > self._max_file_bytes:
@@ -337,30 +314,44 @@ class Reconciler:
                 f"{st.st_size} bytes is over upload.max_file_bytes ({self._max_file_bytes})",
             )
         try:
-            inspected = self._inspect(path, check_complete=not settled)
+            inspected = self._inspect(path, st, check_complete=not settled)
         except FileNotFoundError:
             return "gone"
         except OSError as exc:
             return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
+        if inspected is _CHANGED_SINCE_STAT:
+            # Written to since `st` was taken: what was decided about it no longer holds.
+            return self._unsettled(plan, path)
         if isinstance(inspected, tuple):
             return self._problem(plan, path, relpath, st, *inspected)
         return self._classify(plan, path, relpath, st, inspected, known)
 
-    def _inspect(self, path: Path, *, check_complete: bool) -> str | tuple[str, str]:
-        """The content's sha256, or (state, reason) when the bytes cannot go as they are.
+    def _inspect(
+        self, path: Path, st: os.stat_result, *, check_complete: bool
+    ) -> str | tuple[str, str] | _Changed:
+        """The content's sha256, or (state, reason) when the bytes cannot go as they are, or
+        `_CHANGED_SINCE_STAT` when the open file's size or mtime are no longer `st`'s.
 
         One open for everything: the signature, the completeness check (skipped when the
         settler just verified the file at this size and mtime) and the hash.
         """
         with open_regular_file(path) as f:
             fd = f.fileno()
+            opened = os.fstat(fd)
+            if (opened.st_size, opened.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                return _CHANGED_SINCE_STAT
             if sniff_image_type(os.pread(fd, _HEAD_BYTES, 0)) is None:
                 return FAILED, "not an image (unknown file signature)"
             if self._verify_image and check_complete:
-                reason = check_open_image_complete(fd, os.fstat(fd).st_size)
+                reason = check_open_image_complete(fd, opened.st_size)
                 if reason is not None:
                     return INCOMPLETE, reason
             return hashlib.file_digest(f, "sha256").hexdigest()
+
+    def _unsettled(self, plan: WatchPlan, path: Path) -> str:
+        if self._on_unsettled is not None:
+            self._on_unsettled(plan, path)
+        return "unsettled"
 
     def _classify(
         self,

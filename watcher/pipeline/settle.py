@@ -25,7 +25,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -33,6 +33,7 @@ from typing import NamedTuple, Protocol
 import structlog
 
 from watcher.files import NOT_AN_IMAGE, check_image_complete
+from watcher.pipeline.plans import WatchPlan
 
 log = structlog.get_logger("watcher.settle")
 
@@ -57,14 +58,31 @@ def _observation_of(st: os.stat_result) -> _Observation:
 _UNREADABLE = _Observation(-1, -1)
 
 
+@dataclass(frozen=True)
+class ReadyFile:
+    """A file found completely written, for the watches it was submitted for."""
+
+    path: Path
+    plans: tuple[WatchPlan, ...]
+    st: os.stat_result  # the lstat it was judged on: record this, not a later look
+
+
+@dataclass(frozen=True)
+class IncompleteFile:
+    """A file that never became ready within max_wait (or is no regular file), and why."""
+
+    path: Path
+    plans: tuple[WatchPlan, ...]
+    reason: str
+    st: os.stat_result | None  # the lstat it was given up on; None when none could be taken
+
+
 class SettleSink(Protocol):
     """Where the settler reports; called on its thread, outside its lock."""
 
-    def on_ready(self, path: Path, st: os.stat_result) -> None:
-        """`path` is completely written; `st` is the lstat it was judged on."""
+    def on_ready(self, file: ReadyFile) -> None: ...
 
-    def on_incomplete(self, path: Path, reason: str) -> None:
-        """`path` never became ready within max_wait (or is no regular file): why."""
+    def on_incomplete(self, file: IncompleteFile) -> None: ...
 
 
 @dataclass
@@ -73,6 +91,7 @@ class _Candidate:
 
     path: Path
     pending_since: float  # start of the max_wait window
+    plans: tuple[WatchPlan, ...] = ()  # every watch it was submitted for
     submits: int = 0  # bumped by every submit; a look that raced with a submit is not trusted
     heap_token: int = -1  # matches the live heap entry; older entries are stale
     closed_hint: bool = False  # a close-after-write came and no later write event yet
@@ -101,6 +120,7 @@ class _Look:
 class _Verdict:
     ready_stat: os.stat_result | None = None
     incomplete_reason: str | None = None
+    incomplete_stat: os.stat_result | None = None
 
 
 class Settler:
@@ -158,8 +178,9 @@ class Settler:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def submit(self, path: Path, *, closed: bool = False) -> None:
-        """Something happened to `path`; `closed` when it was a close-after-write.
+    def submit(self, path: Path, plans: Sequence[WatchPlan] = (), *, closed: bool = False) -> None:
+        """Something happened to `path`, a file of `plans`; `closed` when it was a
+        close-after-write. The plans add to those it was submitted for before.
 
         Never touches the disk, so it is safe to call from a watchdog handler.
         """
@@ -176,9 +197,21 @@ class Settler:
             else:
                 # Still being written: no point looking before it could have settled.
                 deadline = now + self._settle_seconds
+            candidate.plans = _by_key(candidate.plans, plans)
             candidate.submits += 1
             candidate.closed_hint = closed
             self._schedule(candidate, deadline)
+
+    def reroute(self, route: Callable[[Path], Sequence[WatchPlan]]) -> None:
+        """The watches changed (a reload): each pending path now goes to `route(path)`, and a
+        path no watch takes any more is dropped."""
+        with self._cond:
+            for path, candidate in list(self._candidates.items()):
+                plans = tuple(route(path))
+                if plans:
+                    candidate.plans = plans
+                else:
+                    del self._candidates[path]
 
     def forget(self, path: Path) -> None:
         """The file is gone (or moved away): stop tracking it."""
@@ -220,7 +253,8 @@ class Settler:
                 look = _Look(unreadable_reason=f"internal error: {type(exc).__name__}: {exc}")
             with self._cond:
                 verdict = self._decide(candidate, submits, look)
-            _report(sink, candidate.path, verdict)
+                plans = candidate.plans
+            _report(sink, candidate.path, plans, verdict)
 
     def _wait_for_due(self) -> _Candidate | None:
         """Under the lock: sleep until a candidate is due; None when stopping."""
@@ -301,10 +335,10 @@ class Settler:
             candidate.pending_since = now
         if st is None:
             # Unreadable (permissions, I/O error): keep trying until max_wait says otherwise.
-            return self._not_ready(candidate, now, observation, look.unreadable_reason or "")
+            return self._not_ready(candidate, now, None, look.unreadable_reason or "")
         if look.not_regular_reason is not None:
             candidate.reported = observation
-            return _Verdict(incomplete_reason=look.not_regular_reason)
+            return _Verdict(incomplete_reason=look.not_regular_reason, incomplete_stat=st)
         if observation != candidate.observation:
             candidate.observation = observation
             candidate.observed_since = now
@@ -326,7 +360,7 @@ class Settler:
             reason = image_reason
         else:
             reason = f"still changing after {self._max_wait_seconds:g} s"
-        return self._not_ready(candidate, now, observation, reason)
+        return self._not_ready(candidate, now, st, reason)
 
     def _image_reason(self, candidate: _Candidate, observation: _Observation) -> str | None:
         """Why the image is not complete (None when it is, or when not checking images)."""
@@ -349,14 +383,15 @@ class Settler:
         self,
         candidate: _Candidate,
         now: float,
-        observation: _Observation,
+        st: os.stat_result | None,
         reason: str,
     ) -> _Verdict:
+        observation = _UNREADABLE if st is None else _observation_of(st)
         give_up_at = candidate.pending_since + self._max_wait_seconds
         if now >= give_up_at:
             # Parked on this state: a new look at the same size and mtime stays quiet.
             candidate.reported = observation
-            return _Verdict(incomplete_reason=reason)
+            return _Verdict(incomplete_reason=reason, incomplete_stat=st)
         wait_seconds = self._settle_seconds
         if candidate.closed_hint and not self._verify_image:
             wait_seconds = CLOSE_GRACE_SECONDS
@@ -377,14 +412,25 @@ class Settler:
         self._cond.notify()
 
 
-def _report(sink: SettleSink, path: Path, verdict: _Verdict) -> None:
+def _report(sink: SettleSink, path: Path, plans: tuple[WatchPlan, ...], verdict: _Verdict) -> None:
     try:
         if verdict.ready_stat is not None:
             log.debug("settle_ready", path=str(path), size_bytes=verdict.ready_stat.st_size)
-            sink.on_ready(path, verdict.ready_stat)
+            sink.on_ready(ReadyFile(path, plans, verdict.ready_stat))
         elif verdict.incomplete_reason is not None:
             log.info("settle_incomplete", path=str(path), reason=verdict.incomplete_reason)
-            sink.on_incomplete(path, verdict.incomplete_reason)
+            sink.on_incomplete(
+                IncompleteFile(path, plans, verdict.incomplete_reason, verdict.incomplete_stat)
+            )
     except Exception:
         # A failing consumer must not stop the settling of every other file.
         log.exception("settle_callback_failed", path=str(path))
+
+
+def _by_key(plans: tuple[WatchPlan, ...], more: Sequence[WatchPlan]) -> tuple[WatchPlan, ...]:
+    """`plans` and `more`, one per watch; for a watch in both, the one from `more` (newer)."""
+    if not more:
+        return plans
+    merged = {plan.key: plan for plan in plans}
+    merged.update((plan.key, plan) for plan in more)
+    return tuple(merged.values())

@@ -6,7 +6,6 @@ connects them: `build_live` hands `run` every part, built, before its loop start
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,9 @@ from watcher.files import PathFilter
 from watcher.nucleus import NucleusClient, TokenBucket
 from watcher.pipeline.disk import AfterUpload, FanOutEvents
 from watcher.pipeline.intake import Intake, WatchSpec
-from watcher.pipeline.reconcile import Reconciler, WatchPlan, plans_for
-from watcher.pipeline.settle import Settler
+from watcher.pipeline.plans import WatchPlan, plans_for, plans_taking
+from watcher.pipeline.reconcile import Reconciler
+from watcher.pipeline.settle import IncompleteFile, ReadyFile, Settler
 from watcher.pipeline.uploader import Uploader, UploadEvents, UploadPolicy
 from watcher.store import INCOMPLETE, StateStore, watch_key, watch_key_aliases
 
@@ -164,14 +164,17 @@ class LiveRoutes:
         self._events = events
 
     def replan(self, plans: Sequence[WatchPlan]) -> None:
-        """A reloaded config's watches."""
+        """A reloaded config's watches; files still settling go to them from now on."""
         self.plans = tuple(plans)
+        self._settler.reroute(lambda path: plans_taking(self.plans, path))
 
     # -- from the intake -------------------------------------------------------------------
 
     def on_candidate(self, key: str, path: Path, closed: bool) -> None:
         self._events.seen(key)
-        self._settler.submit(path, closed=closed)
+        plans = plans_taking(self.plans, path)
+        if plans:
+            self._settler.submit(path, plans, closed=closed)
 
     def on_deleted(self, key: str, path: Path) -> None:
         self._settler.forget(path)
@@ -181,14 +184,15 @@ class LiveRoutes:
 
     # -- from the settler ------------------------------------------------------------------
 
-    def on_ready(self, path: Path, st: os.stat_result) -> None:
-        for plan, _relpath in plans_for(self.plans, path):
+    def on_ready(self, file: ReadyFile) -> None:
+        for plan in file.plans:
             self._events.settled(plan.key)
-            self._reconciler.consider(plan, path, settled=True)
+            self._reconciler.record_settled(plan, file.path, file.st)
 
-    def on_incomplete(self, path: Path, reason: str) -> None:
-        for plan, _relpath in plans_for(self.plans, path):
-            if self._reconciler.record_incomplete(plan, path, reason) == INCOMPLETE:
+    def on_incomplete(self, file: IncompleteFile) -> None:
+        for plan in file.plans:
+            outcome = self._reconciler.record_incomplete(plan, file.path, file.st, file.reason)
+            if outcome == INCOMPLETE:
                 self._events.incomplete(plan.key)
 
 
@@ -244,7 +248,7 @@ def build_live(
     reconciler_ = reconciler(
         settings,
         store,
-        on_unsettled=lambda _plan, path: settler_.submit(path),
+        on_unsettled=lambda plan, path: settler_.submit(path, (plan,)),
         on_queued=uploader_.wake,
     )
     routes = LiveRoutes(
