@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.imagefactory import jpeg_bytes
-from watcher.pipeline import CLOSE_GRACE_SECONDS, IncompleteFile, ReadyFile, Settler
+from watcher.config import settings_from_mapping
+from watcher.pipeline import CLOSE_GRACE_SECONDS, IncompleteFile, ReadyFile, Settler, WatchPlan
+from watcher.pipeline import wiring as pipeline
 
 WAIT_SECONDS = 10.0  # upper bound for anything we wait for; never reached when things work
 
@@ -44,11 +46,13 @@ class Outcomes:
 
 @dataclass
 class ReadyHook:
-    """A sink that hands each ready file to one function and ignores the rest."""
+    """A sink that hands each ready file to one function (and keeps it), ignoring the rest."""
 
     hook: Callable[[Path, os.stat_result], None]
+    files: list[ReadyFile] = field(default_factory=list)
 
     def on_ready(self, file: ReadyFile) -> None:
+        self.files.append(file)
         self.hook(file.path, file.st)
 
     def on_incomplete(self, file: IncompleteFile) -> None:
@@ -121,7 +125,7 @@ def test_jpeg_written_in_one_go_and_closed_is_ready_without_waiting(
     settler.submit(path, closed=True)
     assert outcomes.wait_until(lambda: len(outcomes.ready) == 1)
     assert outcomes.ready == [(path, data)]
-    assert settler.pending_count() == 0
+    assert settler.pending_paths() == []
 
 
 def test_close_without_image_check_waits_only_the_grace(
@@ -153,7 +157,7 @@ def test_close_of_an_incomplete_jpeg_is_not_trusted(
     for _ in range(5):  # well past settle_seconds on the settler's clock
         clock.advance(0.3)
         assert not outcomes.wait_until(lambda: bool(outcomes.ready), timeout=0.1)
-    assert settler.pending_count() == 1
+    assert settler.pending_paths() == [path]
     with path.open("ab") as f:
         f.write(data[len(data) // 2 :])
     settler.submit(path, closed=True)
@@ -222,7 +226,7 @@ def test_incomplete_jpeg_is_reported_once_after_max_wait_then_ready_when_finishe
     settler.submit(path, closed=True)
     assert outcomes.wait_until(lambda: len(outcomes.incomplete) == 1)
     assert outcomes.incomplete == [(path, "JPEG has no end-of-image marker")]
-    assert settler.pending_count() == 0  # parked, no longer counted as pending
+    assert settler.pending_paths() == []  # parked, no longer counted as pending
 
     # The same unchanged file handed over again (a periodic reconcile) stays quiet.
     settler.submit(path)
@@ -313,10 +317,10 @@ def test_deleted_file_is_dropped_silently(tmp_path: Path, make_settler: SettlerF
     path = tmp_path / "gone.jpg"
     path.write_bytes(jpeg_bytes()[:100])
     settler.submit(path)
-    assert settler.pending_count() == 1
+    assert settler.pending_paths() == [path]
     path.unlink()
     settler.submit(path)
-    assert eventually(lambda: settler.pending_count() == 0)
+    assert eventually(lambda: settler.pending_paths() == [])
     assert outcomes.ready == [] and outcomes.incomplete == []
 
 
@@ -331,7 +335,7 @@ def test_forget_drops_a_pending_path(tmp_path: Path, make_settler: SettlerFactor
     settler.submit(kept)
     assert outcomes.wait_until(lambda: len(outcomes.ready) == 1)
     assert [path for path, _ in outcomes.ready] == [kept]
-    assert settler.pending_count() == 0
+    assert settler.pending_paths() == []
 
 
 def test_callbacks_run_outside_the_settler_lock(
@@ -417,3 +421,43 @@ def test_a_bug_in_one_files_check_is_reported_on_that_file_and_others_settle(
     assert [path for path, _ in outcomes.ready] == [fine]
     assert outcomes.incomplete == [(boom, "internal error: RuntimeError: checker bug")]
     assert settler.is_alive()
+
+
+def _plans(tmp_path: Path, *datasets: str) -> list[WatchPlan]:
+    settings = settings_from_mapping(
+        {
+            "nucleus": {"endpoint": "http://127.0.0.1:9/v1/nucleus"},
+            "state": {"path": str(tmp_path / "state.db")},
+            "watch": [{"path": str(tmp_path), "dataset_id": dataset} for dataset in datasets],
+        }
+    )
+    return pipeline.watch_plans(settings)
+
+
+def test_a_file_comes_with_every_watch_it_was_submitted_for(
+    tmp_path: Path, make_settler: SettlerFactory
+) -> None:
+    first, second = _plans(tmp_path, "ds_a", "ds_b")
+    ready: list[ReadyFile] = []
+    settler, _ = make_settler(sink=ReadyHook(lambda path, st: None, ready))
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpeg_bytes())
+    settler.submit(path, (first,))
+    settler.submit(path, (second, first), closed=True)
+    assert eventually(lambda: len(ready) == 1)
+    assert ready[0].plans == (first, second)
+    assert ready[0].st.st_size == path.stat().st_size
+
+
+def test_reroute_sends_pending_files_to_the_new_watches_and_drops_orphans(
+    tmp_path: Path, make_settler: SettlerFactory
+) -> None:
+    [old] = _plans(tmp_path, "ds_a")
+    [new] = _plans(tmp_path, "ds_b")
+    settler, outcomes = make_settler(settle_seconds=30.0, max_wait_seconds=60.0)
+    kept, dropped = tmp_path / "kept.jpg", tmp_path / "dropped.jpg"
+    settler.submit(kept, (old,))
+    settler.submit(dropped, (old,))
+    settler.reroute(lambda path: (new,) if path == kept else ())
+    assert settler.pending_paths() == [kept]
+    assert outcomes.ready == [] and outcomes.incomplete == []

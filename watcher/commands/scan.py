@@ -8,14 +8,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 import structlog
 
 from watcher.config import Settings
 from watcher.files import path_text
-from watcher.pipeline import IncompleteFile, ReadyFile, Reconciler, UploadEvents, WatchPlan
+from watcher.pipeline import UploadEvents
 from watcher.pipeline import wiring as pipeline
 from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
 
@@ -77,85 +76,56 @@ class ScanProgress(UploadEvents):
             self._stream.flush()
 
 
-class _UnsettledFiles:
-    """The files the walk found still changing, handed to the same Settler the daemon uses."""
+class _SettledTally:
+    """What became of the files the walk found still being written (the settler finished
+    them during the scan), for the summary."""
 
-    def __init__(self, settings: Settings, progress: ScanProgress) -> None:
+    def __init__(self, progress: ScanProgress) -> None:
         self._progress = progress
         self._lock = threading.Lock()
         self.outcomes: list[str] = []
-        self.reconciler: Reconciler | None = None
-        self._settler = pipeline.settler(settings)
 
-    def start(self) -> None:
-        self._settler.start(self)
+    def settled(self, watch: str, outcome: str) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+            if outcome in ("new", "changed"):
+                self._progress.total += 1
 
-    def stop(self) -> None:
-        self._settler.stop()
-
-    def submit(self, plan: WatchPlan, path: Path) -> None:
-        # Every watch that found the path still changing (one folder may feed two datasets).
-        self._settler.submit(path, (plan,))
-
-    def wait(self, timeout_seconds: float) -> list[Path]:
-        """Until every submitted file is ready, vanished or reported incomplete; the paths
-        still settling when `timeout_seconds` ran out."""
-        deadline = time.monotonic() + timeout_seconds
-        while self._settler.pending_count() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self._settler.pending_paths()
-
-    def on_ready(self, file: ReadyFile) -> None:
-        assert self.reconciler is not None
-        for plan in file.plans:
-            outcome = self.reconciler.record_settled(plan, file.path, file.st)
-            with self._lock:
-                self.outcomes.append(outcome)
-                if outcome in ("new", "changed"):
-                    self._progress.total += 1
-
-    def on_incomplete(self, file: IncompleteFile) -> None:
-        assert self.reconciler is not None
-        for plan in file.plans:
-            outcome = self.reconciler.record_incomplete(plan, file.path, file.st, file.reason)
-            with self._lock:
-                self.outcomes.append(outcome)
+    def gave_up(self, watch: str, outcome: str) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
 
 
 def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int:
     # Looked up per call, not bound at import: a caller (or a test) may have replaced it.
     out = sys.stdout if out is None else out
     plans = pipeline.watch_plans(settings)
-    store = pipeline.open_store(settings)
-    client = pipeline.nucleus_client(settings, api_key)
+    progress = ScanProgress(0, sys.stderr)
+    settled = _SettledTally(progress)
+    parts = pipeline.build_scan(settings, api_key, upload_events=progress, events=settled)
+    store, uploader = parts.store, parts.uploader
     started = time.monotonic()
     try:
         store.release_in_flight()
         store.reset_pending_attempts()
-        progress = ScanProgress(store.state_counts()[PENDING], sys.stderr)
-        uploader = pipeline.uploader(settings, store, client, progress)
-        unsettled = _UnsettledFiles(settings, progress)
+        progress.total = store.state_counts()[PENDING]
         # Uploads start while the walk goes on: the walk records files in chunks and wakes
         # the workers once per chunk, so batches stay full and the two overlap.
-        reconciler = pipeline.reconciler(
-            settings, store, on_unsettled=unsettled.submit, on_queued=uploader.wake
-        )
-        unsettled.reconciler = reconciler
-        uploader.start()
-        unsettled.start()
+        parts.start()
         try:
-            report = reconciler.reconcile(plans)
+            report = parts.reconciler.reconcile(plans)
             progress.total = report.queued_new + report.queued_changed + progress.total
             # Files still being written when the walk saw them (or whose mtime is in the
             # future): the settler watches them hold still on the monotonic clock; what never
             # finishes within settle.max_wait_seconds is recorded incomplete and listed.
-            still_settling = unsettled.wait(settings.settle.max_wait_seconds + 5.0)
+            still_settling = parts.settler.wait_until_settled(
+                settings.settle.max_wait_seconds + 5.0
+            )
             drained = uploader.wait_until_drained(SCAN_MAX_ATTEMPTS)
         finally:
-            unsettled.stop()
-            uploader.stop(settings.upload.stop_timeout_seconds)
+            parts.stop(settings.upload.stop_timeout_seconds)
             progress.finish()
-        report.merge_outcomes(unsettled.outcomes)
+        report.merge_outcomes(settled.outcomes)
         seconds = time.monotonic() - started
         counts = store.state_counts()
         tally = progress.tally
@@ -183,5 +153,4 @@ def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int
             return 1
         return 0
     finally:
-        client.close()
-        store.close()
+        parts.close()

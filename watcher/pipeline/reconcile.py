@@ -17,18 +17,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from watcher.errors import PathRuleError
 from watcher.files import (
-    check_open_image_complete,
     open_regular_file,
     path_from_text,
     path_text,
     sniff_image_type,
 )
 from watcher.pipeline.plans import WatchPlan, relpath_of
+from watcher.pipeline.settle import IncompleteFile, ReadyFile
 from watcher.store import (
     FAILED,
     GONE,
@@ -99,26 +100,57 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+class Settling(Protocol):
+    """The settler, as the reconciler uses it: the one judge of "is this file finished?", and
+    where a file still being written goes to finish."""
+
+    def at_rest(self, st: os.stat_result, wall_now: float) -> bool: ...
+
+    def image_problem(self, fd: int, size_bytes: int) -> str | None: ...
+
+    def submit(
+        self, path: Path, plans: Sequence[WatchPlan] = (), *, closed: bool = False
+    ) -> None: ...
+
+
+class Waking(Protocol):
+    """The uploader, told that rows wait in the queue."""
+
+    def wake(self) -> None: ...
+
+
+class SettledEvents(Protocol):
+    """What became of the files the settler handed over (metrics for `run`, the tally for
+    `scan`), one call per watch the file belongs to."""
+
+    def settled(self, watch: str, outcome: str) -> None:
+        """A finished file was recorded (or not) with `outcome`."""
+
+    def gave_up(self, watch: str, outcome: str) -> None:
+        """A file that never finished was recorded with `outcome`."""
+
+
 class Reconciler:
-    """Decides, per file, whether it goes into the queue; walks watch roots to find files."""
+    """Decides, per file, whether it goes into the queue; walks watch roots to find files.
+
+    It is the settler's sink: each finished file is recorded for every watch it belongs to.
+    """
 
     def __init__(
         self,
         store: StateStore,
+        settler: Settling,
         *,
-        verify_image: bool,
-        settle_seconds: float,
         max_file_bytes: int,
-        on_unsettled: Callable[[WatchPlan, Path], None] | None = None,
-        on_queued: Callable[[], None] | None = None,
+        uploader: Waking | None = None,
+        events: SettledEvents | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._verify_image = verify_image
-        self._settle_seconds = settle_seconds
+        self._settler = settler
         self._max_file_bytes = max_file_bytes
-        self._on_unsettled = on_unsettled
-        self._on_queued = on_queued
+        self._uploader = uploader
+        self._events = events
         self._clock = clock
 
     # -- the walk --------------------------------------------------------------------------
@@ -198,6 +230,18 @@ class Reconciler:
                 yield Path(entry.path), text, st
 
     # -- one file --------------------------------------------------------------------------
+
+    def on_ready(self, file: ReadyFile) -> None:
+        for plan in file.plans:
+            outcome = self.record_settled(plan, file.path, file.st)
+            if self._events is not None:
+                self._events.settled(plan.key, outcome)
+
+    def on_incomplete(self, file: IncompleteFile) -> None:
+        for plan in file.plans:
+            outcome = self.record_incomplete(plan, file.path, file.st, file.reason)
+            if self._events is not None:
+                self._events.gave_up(plan.key, outcome)
 
     def record_settled(self, plan: WatchPlan, path: Path, st: os.stat_result) -> str:
         """A file the settler found finished, recorded from the lstat it was judged on; say
@@ -300,7 +344,7 @@ class Reconciler:
                 return "unchanged"  # parked before classification; waits for a change or `retry`
             # Same bytes as recorded: reuse the recorded hash, only the rules may have changed.
             return self._classify(plan, path, relpath, st, known.content_sha256, known)
-        if not settled and self._clock() - st.st_mtime < self._settle_seconds:
+        if not settled and not self._settler.at_rest(st, self._clock()):
             return self._unsettled(plan, path)
         if st.st_size == 0:
             return self._problem(plan, path, relpath, st, INCOMPLETE, "zero-byte file")
@@ -342,15 +386,14 @@ class Reconciler:
                 return _CHANGED_SINCE_STAT
             if sniff_image_type(os.pread(fd, _HEAD_BYTES, 0)) is None:
                 return FAILED, "not an image (unknown file signature)"
-            if self._verify_image and check_complete:
-                reason = check_open_image_complete(fd, opened.st_size)
+            if check_complete:
+                reason = self._settler.image_problem(fd, opened.st_size)
                 if reason is not None:
                     return INCOMPLETE, reason
             return hashlib.file_digest(f, "sha256").hexdigest()
 
     def _unsettled(self, plan: WatchPlan, path: Path) -> str:
-        if self._on_unsettled is not None:
-            self._on_unsettled(plan, path)
+        self._settler.submit(path, (plan,))
         return "unsettled"
 
     def _classify(
@@ -418,8 +461,8 @@ class Reconciler:
                 )
             report.add(outcome)
         chunk.clear()
-        if queued and self._on_queued is not None:
-            self._on_queued()
+        if queued and self._uploader is not None:
+            self._uploader.wake()
 
     def _settle_collision(self, plan: WatchPlan, pending: _Pending) -> str:
         """Another row holds the reference_id. If its file is no longer on disk (a folder moved

@@ -32,7 +32,7 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
-from watcher.files import NOT_AN_IMAGE, check_image_complete
+from watcher.files import NOT_AN_IMAGE, check_image_complete, check_open_image_complete
 from watcher.pipeline.plans import WatchPlan
 
 log = structlog.get_logger("watcher.settle")
@@ -149,7 +149,10 @@ class Settler:
         self._max_wait_seconds = max_wait_seconds
         self._verify_image = verify_image
         self._clock = clock
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the settler thread waits on it for deadlines
+        self._quiet = threading.Condition(lock)  # `wait_until_settled` waits on it
+        self._looking = False  # the thread holds a candidate (looking at it or reporting it)
         self._candidates: dict[Path, _Candidate] = {}
         self._heap: list[tuple[float, int, Path]] = []
         self._tokens = itertools.count()
@@ -218,21 +221,35 @@ class Settler:
         with self._cond:
             self._candidates.pop(path, None)
             # Its heap entries go stale: the token no longer matches any candidate.
+            self._quiet.notify_all()
+
+    def at_rest(self, st: os.stat_result, wall_now: float) -> bool:
+        """For a file a walk sees once, with no history to go by: finished when its mtime
+        is at least `settle_seconds` old. A file that is not goes through `submit`."""
+        return wall_now - st.st_mtime >= self._settle_seconds
+
+    def image_problem(self, fd: int, size_bytes: int) -> str | None:
+        """With `verify_image`, why the image open at `fd` is not whole yet; else None."""
+        if not self._verify_image:
+            return None
+        return check_open_image_complete(fd, size_bytes)
+
+    def wait_until_settled(self, timeout_seconds: float) -> list[Path]:
+        """Wait until every submitted file was reported (ready or incomplete) or vanished, or
+        `timeout_seconds` passed; the paths still settling then."""
+        with self._cond:
+            self._quiet.wait_for(self._all_settled, timeout_seconds)
+            return self._unsettled_paths()
 
     def is_alive(self) -> bool:
         """True while the settler thread runs (for the daemon's health check)."""
         thread = self._thread
         return thread is not None and thread.is_alive()
 
-    def pending_count(self) -> int:
-        """Candidates still waiting to settle (parked incomplete ones are not counted)."""
-        with self._cond:
-            return sum(1 for candidate in self._candidates.values() if not candidate.parked)
-
     def pending_paths(self) -> list[Path]:
-        """The paths `pending_count` counts."""
+        """The paths still waiting to settle (parked incomplete ones are not waiting)."""
         with self._cond:
-            return [c.path for c in self._candidates.values() if not c.parked]
+            return self._unsettled_paths()
 
     # -- the settler thread ----------------------------------------------------------------
 
@@ -242,6 +259,7 @@ class Settler:
                 candidate = self._wait_for_due()
                 if candidate is None:
                     return
+                self._looking = True
                 submits = candidate.submits
                 snapshot = (candidate.closed_hint, candidate.observation, candidate.verified)
             try:
@@ -255,6 +273,16 @@ class Settler:
                 verdict = self._decide(candidate, submits, look)
                 plans = candidate.plans
             _report(sink, candidate.path, plans, verdict)
+            with self._cond:
+                # Only now, with the sink done, may `wait_until_settled` see the file as settled.
+                self._looking = False
+                self._quiet.notify_all()
+
+    def _all_settled(self) -> bool:
+        return not self._looking and not any(not c.parked for c in self._candidates.values())
+
+    def _unsettled_paths(self) -> list[Path]:
+        return [c.path for c in self._candidates.values() if not c.parked]
 
     def _wait_for_due(self) -> _Candidate | None:
         """Under the lock: sleep until a candidate is due; None when stopping."""

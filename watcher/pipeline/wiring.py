@@ -19,12 +19,12 @@ from watcher.nucleus import NucleusClient, TokenBucket
 from watcher.pipeline.disk import AfterUpload, FanOutEvents
 from watcher.pipeline.intake import Intake, WatchSpec
 from watcher.pipeline.plans import WatchPlan, plans_for, plans_taking
-from watcher.pipeline.reconcile import Reconciler
-from watcher.pipeline.settle import IncompleteFile, ReadyFile, Settler
+from watcher.pipeline.reconcile import Reconciler, SettledEvents
+from watcher.pipeline.settle import Settler
 from watcher.pipeline.uploader import Uploader, UploadEvents, UploadPolicy
-from watcher.store import INCOMPLETE, StateStore, watch_key, watch_key_aliases
+from watcher.store import StateStore, watch_key, watch_key_aliases
 
-# The routing below used to live in the daemon; its log lines keep the daemon's logger name.
+# LiveRoutes used to be part of the daemon; its log lines keep the daemon's logger name.
 log = structlog.get_logger("watcher.daemon")
 
 
@@ -80,29 +80,31 @@ def open_store(settings: Settings) -> StateStore:
     return StateStore.open(Path(settings.state.path))
 
 
-def reconciler(
-    settings: Settings,
-    store: StateStore,
-    *,
-    on_unsettled: Callable[[WatchPlan, Path], None] | None = None,
-    on_queued: Callable[[], None] | None = None,
-) -> Reconciler:
-    return Reconciler(
-        store,
-        verify_image=settings.settle.verify_image,
-        settle_seconds=settings.settle.seconds,
-        max_file_bytes=settings.upload.max_file_bytes,
-        on_unsettled=on_unsettled,
-        on_queued=on_queued,
-    )
-
-
 def settler(settings: Settings) -> Settler:
     """The one judge of "is this file finished?" for `run` and `scan` alike."""
     return Settler(
         settle_seconds=settings.settle.seconds,
         max_wait_seconds=settings.settle.max_wait_seconds,
         verify_image=settings.settle.verify_image,
+    )
+
+
+def reconciler(
+    settings: Settings,
+    store: StateStore,
+    *,
+    settling: Settler | None = None,
+    uploader: Uploader | None = None,
+    events: SettledEvents | None = None,
+) -> Reconciler:
+    """Without `settling`, files still being written go to a settler that is never started
+    (a walk for its report only)."""
+    return Reconciler(
+        store,
+        settler(settings) if settling is None else settling,
+        max_file_bytes=settings.upload.max_file_bytes,
+        uploader=uploader,
+        events=events,
     )
 
 
@@ -126,25 +128,70 @@ def watch_specs(plans: Sequence[WatchPlan]) -> list[WatchSpec]:
     ]
 
 
-class LiveEvents(Protocol):
+@dataclass(frozen=True)
+class Pipeline:
+    """The parts `scan` and `run` share, built and connected: the settler reports to the
+    reconciler, which hands unfinished files to the settler and wakes the uploader."""
+
+    store: StateStore
+    client: NucleusClient
+    uploader: Uploader
+    settler: Settler
+    reconciler: Reconciler
+
+    def start(self) -> None:
+        self.uploader.start()
+        self.settler.start(self.reconciler)
+
+    def stop(self, upload_stop_timeout_seconds: float) -> None:
+        self.settler.stop()
+        self.uploader.stop(upload_stop_timeout_seconds)
+
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()
+
+
+def _open(settings: Settings, api_key: str) -> tuple[StateStore, NucleusClient]:
+    store = open_store(settings)
+    try:
+        return store, nucleus_client(settings, api_key)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _connect(
+    settings: Settings,
+    store: StateStore,
+    client: NucleusClient,
+    upload_events: UploadEvents,
+    events: SettledEvents,
+) -> tuple[Uploader, Settler, Reconciler]:
+    uploader_ = uploader(settings, store, client, upload_events)
+    settler_ = settler(settings)
+    reconciler_ = reconciler(settings, store, settling=settler_, uploader=uploader_, events=events)
+    return uploader_, settler_, reconciler_
+
+
+def build_scan(
+    settings: Settings, api_key: str, *, upload_events: UploadEvents, events: SettledEvents
+) -> Pipeline:
+    """Open the store and build every part of `scan`, connected; nothing is started."""
+    store, client = _open(settings, api_key)
+    return Pipeline(store, client, *_connect(settings, store, client, upload_events, events))
+
+
+class LiveEvents(SettledEvents, Protocol):
     """What `run` counts about files on their way in (the service turns it into metrics)."""
 
     def seen(self, watch: str) -> None:
         """The intake saw an event for a file of `watch`."""
 
-    def settled(self, watch: str) -> None:
-        """The settler found a file of `watch` finished."""
-
-    def incomplete(self, watch: str) -> None:
-        """A file of `watch` was recorded incomplete: it never finished within max_wait."""
-
 
 class LiveRoutes:
-    """Carries each live stage's output to the next and holds the current watches.
-
-    Intake events go to the settler, finished files to the reconciler. The methods run on the
-    intake's and the settler's threads: they hand on and return.
-    """
+    """Carries the intake's events to the settler and the store, and holds the current
+    watches. Its methods run on the intake's threads: they hand on and return."""
 
     def __init__(
         self,
@@ -152,23 +199,21 @@ class LiveRoutes:
         *,
         store: StateStore,
         settler: Settler,
-        reconciler: Reconciler,
         events: LiveEvents,
+        on_rescan_needed: Callable[[str | None, str], None],
     ) -> None:
         # Replaced whole on reload, never changed in place: readers on other threads see
         # either the old watches or the new ones.
         self.plans: tuple[WatchPlan, ...] = tuple(plans)
         self._store = store
         self._settler = settler
-        self._reconciler = reconciler
         self._events = events
+        self._on_rescan_needed = on_rescan_needed
 
     def replan(self, plans: Sequence[WatchPlan]) -> None:
         """A reloaded config's watches; files still settling go to them from now on."""
         self.plans = tuple(plans)
         self._settler.reroute(lambda path: plans_taking(self.plans, path))
-
-    # -- from the intake -------------------------------------------------------------------
 
     def on_candidate(self, key: str, path: Path, closed: bool) -> None:
         self._events.seen(key)
@@ -182,47 +227,26 @@ class LiveRoutes:
             if self._store.mark_gone(plan.key, relpath):
                 log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
 
-    # -- from the settler ------------------------------------------------------------------
-
-    def on_ready(self, file: ReadyFile) -> None:
-        for plan in file.plans:
-            self._events.settled(plan.key)
-            self._reconciler.record_settled(plan, file.path, file.st)
-
-    def on_incomplete(self, file: IncompleteFile) -> None:
-        for plan in file.plans:
-            outcome = self._reconciler.record_incomplete(plan, file.path, file.st, file.reason)
-            if outcome == INCOMPLETE:
-                self._events.incomplete(plan.key)
+    def on_rescan_needed(self, key: str | None, reason: str) -> None:
+        self._on_rescan_needed(key, reason)
 
 
 @dataclass(frozen=True)
-class LivePipeline:
-    """Every part `run` needs, built and connected; `start` sets them going."""
+class LivePipeline(Pipeline):
+    """Every part `run` needs: the shared ones, the intake in front, and the routes between."""
 
-    store: StateStore
-    client: NucleusClient
-    uploader: Uploader
-    reconciler: Reconciler
-    settler: Settler
     intake: Intake
     routes: LiveRoutes
 
     def start(self) -> None:
         """Uploads, settling, then watching: call it before the start-up reconcile, so nothing
         written meanwhile falls between the walk and the watch."""
-        self.uploader.start()
-        self.settler.start(self.routes)
+        super().start()
         self.intake.start(watch_specs(self.routes.plans))
 
     def stop(self, upload_stop_timeout_seconds: float) -> None:
         self.intake.stop()
-        self.settler.stop()
-        self.uploader.stop(upload_stop_timeout_seconds)
-
-    def close(self) -> None:
-        self.client.close()
-        self.store.close()
+        super().stop(upload_stop_timeout_seconds)
 
 
 def build_live(
@@ -235,32 +259,18 @@ def build_live(
 ) -> LivePipeline:
     """Open the store and build every part of `run`, connected; nothing is started."""
     plans = watch_plans(settings)
-    store = open_store(settings)
-    try:
-        client = nucleus_client(settings, api_key)
-    except BaseException:
-        store.close()
-        raise
+    store, client = _open(settings, api_key)
     archive_dir = Path(settings.upload.archive_dir) if settings.upload.archive_dir else None
     after_upload = AfterUpload(settings.upload.after_upload, archive_dir, store)
-    uploader_ = uploader(settings, store, client, FanOutEvents([upload_events, after_upload]))
-    settler_ = settler(settings)
-    reconciler_ = reconciler(
-        settings,
-        store,
-        on_unsettled=lambda plan, path: settler_.submit(path, (plan,)),
-        on_queued=uploader_.wake,
+    uploader_, settler_, reconciler_ = _connect(
+        settings, store, client, FanOutEvents([upload_events, after_upload]), events
     )
     routes = LiveRoutes(
-        plans,
-        store=store,
-        settler=settler_,
-        reconciler=reconciler_,
-        events=events,
+        plans, store=store, settler=settler_, events=events, on_rescan_needed=on_rescan_needed
     )
     intake = Intake(
         on_candidate=routes.on_candidate,
         on_deleted=routes.on_deleted,
-        on_rescan_needed=on_rescan_needed,
+        on_rescan_needed=routes.on_rescan_needed,
     )
-    return LivePipeline(store, client, uploader_, reconciler_, settler_, intake, routes)
+    return LivePipeline(store, client, uploader_, settler_, reconciler_, intake, routes)

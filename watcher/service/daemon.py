@@ -27,7 +27,7 @@ from watcher.pipeline import wiring as pipeline
 from watcher.service.logs import add_secret
 from watcher.service.metrics import Metrics, UploadMetrics
 from watcher.service.sdnotify import SystemdNotifier
-from watcher.store import retry_request_path
+from watcher.store import INCOMPLETE, retry_request_path
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -102,11 +102,12 @@ class _FileMetrics:
     def seen(self, watch: str) -> None:
         self._metrics.files_seen_total.labels(watch=watch).inc()
 
-    def settled(self, watch: str) -> None:
+    def settled(self, watch: str, outcome: str) -> None:
         self._metrics.files_settled_total.labels(watch=watch).inc()
 
-    def incomplete(self, watch: str) -> None:
-        self._metrics.incomplete_files_total.labels(watch=watch).inc()
+    def gave_up(self, watch: str, outcome: str) -> None:
+        if outcome == INCOMPLETE:  # a symlink or FIFO is recorded failed, not incomplete
+            self._metrics.incomplete_files_total.labels(watch=watch).inc()
 
 
 class Daemon:
