@@ -14,7 +14,7 @@ import structlog
 
 from watcher.config import Settings
 from watcher.files import path_text
-from watcher.pipeline import UploadEvents
+from watcher.pipeline import Outcome, UploadEvents
 from watcher.pipeline import wiring as pipeline
 from watcher.store import FAILED, INCOMPLETE, PENDING, FileRecord
 
@@ -83,15 +83,15 @@ class _SettledTally:
     def __init__(self, progress: ScanProgress) -> None:
         self._progress = progress
         self._lock = threading.Lock()
-        self.outcomes: list[str] = []
+        self.outcomes: list[Outcome] = []
 
-    def settled(self, watch: str, outcome: str) -> None:
+    def settled(self, watch: str, outcome: Outcome) -> None:
         with self._lock:
             self.outcomes.append(outcome)
-            if outcome in ("new", "changed"):
+            if outcome in (Outcome.NEW, Outcome.CHANGED):
                 self._progress.total += 1
 
-    def gave_up(self, watch: str, outcome: str) -> None:
+    def gave_up(self, watch: str, outcome: Outcome) -> None:
         with self._lock:
             self.outcomes.append(outcome)
 

@@ -15,6 +15,7 @@ from watcher.pipeline.link_rate import LinkRate as LinkRate
 from watcher.pipeline.link_rate import RequestShape as RequestShape
 from watcher.pipeline.plans import WatchPlan as WatchPlan
 from watcher.pipeline.plans import plans_for as plans_for
+from watcher.pipeline.reconcile import Outcome as Outcome
 from watcher.pipeline.reconcile import Reconciler as Reconciler
 from watcher.pipeline.reconcile import file_sha256 as file_sha256
 from watcher.pipeline.settle import CLOSE_GRACE_SECONDS as CLOSE_GRACE_SECONDS

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, assert_never
 
 import structlog
 
 from watcher.errors import PathRuleError
 from watcher.files import (
+    FileKind,
+    kind_of,
     open_regular_file,
     path_from_text,
     path_text,
@@ -64,6 +65,21 @@ class _Pending:
     st: os.stat_result
 
 
+class Outcome(StrEnum):
+    """What became of one file. The first five are the store's answers to recording it."""
+
+    NEW = "new"  # queued, never seen before
+    CHANGED = "changed"  # queued: content or metadata differ from what the server has
+    DEFERRED = "deferred"  # changed while in flight: queued again when the send ends
+    UNCHANGED = "unchanged"  # nothing to send
+    COLLISION = "collision"  # another file sends this reference_id (the store's answer)
+    UNSETTLED = "unsettled"  # still being written: handed to the settler
+    EXCLUDED = "excluded"  # not inside the watch
+    GONE = "gone"  # vanished before it could be read
+    FAILED = "failed"  # parked with a reason: never sendable as it is
+    INCOMPLETE = "incomplete"  # parked with a reason: not finished
+
+
 @dataclass
 class ReconcileReport:
     files_seen: int = 0
@@ -75,24 +91,31 @@ class ReconcileReport:
     gone: int = 0
     seconds: float = 0.0
     missing_roots: list[str] = field(default_factory=list)
-    last_outcome: str = ""
 
-    def merge_outcomes(self, outcomes: Sequence[str]) -> None:
+    def merge_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         for outcome in outcomes:
             self.add(outcome)
 
-    def add(self, outcome: str) -> None:
-        self.last_outcome = outcome
-        if outcome == "new":
-            self.queued_new += 1
-        elif outcome in ("changed", "deferred"):
-            self.queued_changed += 1
-        elif outcome == "unchanged":
-            self.unchanged += 1
-        elif outcome == "unsettled":
-            self.unsettled += 1
-        else:
-            self.problems += 1
+    def add(self, outcome: Outcome) -> None:
+        match outcome:
+            case Outcome.NEW:
+                self.queued_new += 1
+            case Outcome.CHANGED | Outcome.DEFERRED:
+                self.queued_changed += 1
+            case Outcome.UNCHANGED:
+                self.unchanged += 1
+            case Outcome.UNSETTLED:
+                self.unsettled += 1
+            case (
+                Outcome.COLLISION
+                | Outcome.EXCLUDED
+                | Outcome.GONE
+                | Outcome.FAILED
+                | Outcome.INCOMPLETE
+            ):
+                self.problems += 1
+            case _:
+                assert_never(outcome)
 
 
 def file_sha256(path: Path) -> str:
@@ -123,10 +146,10 @@ class SettledEvents(Protocol):
     """What became of the files the settler handed over (metrics for `run`, the tally for
     `scan`), one call per watch the file belongs to."""
 
-    def settled(self, watch: str, outcome: str) -> None:
+    def settled(self, watch: str, outcome: Outcome) -> None:
         """A finished file was recorded (or not) with `outcome`."""
 
-    def gave_up(self, watch: str, outcome: str) -> None:
+    def gave_up(self, watch: str, outcome: Outcome) -> None:
         """A file that never finished was recorded with `outcome`."""
 
 
@@ -170,13 +193,14 @@ class Reconciler:
             for path, relpath, st in self._walk(plan):
                 report.files_seen += 1
                 result = self._examine_guarded(plan, path, relpath, st, known.pop(relpath, None))
-                if isinstance(result, _Pending):
-                    chunk.append(result)
-                    if len(chunk) >= _RECORD_CHUNK_FILES:
-                        self._record(plan, chunk, report)
-                else:
+                if not isinstance(result, _Pending):
                     report.add(result)
-            self._record(plan, chunk, report)
+                    continue
+                chunk.append(result)
+                if len(chunk) >= _RECORD_CHUNK_FILES:
+                    report.merge_outcomes(self._record(plan, chunk))
+                    chunk = []
+            report.merge_outcomes(self._record(plan, chunk))
             # What the walk did not pop from `known` is no longer on disk.
             report.gone += self._store.mark_gone_many(plan.key, list(known))
         report.seconds = time.monotonic() - started
@@ -243,45 +267,44 @@ class Reconciler:
             if self._events is not None:
                 self._events.gave_up(plan.key, outcome)
 
-    def record_settled(self, plan: WatchPlan, path: Path, st: os.stat_result) -> str:
+    def record_settled(self, plan: WatchPlan, path: Path, st: os.stat_result) -> Outcome:
         """A file the settler found finished, recorded from the lstat it was judged on; say
         what happened. Should the bytes no longer match that lstat when they are read, the file
         changed after the decision and goes back to settling."""
         relpath = relpath_of(plan.root, path)
         if relpath is None:
-            return "excluded"
+            return Outcome.EXCLUDED
         known = self._store.known_file(plan.key, relpath)
         result = self._examine_guarded(plan, path, relpath, st, known, settled=True)
-        if result == "gone":
+        if result is Outcome.GONE:
             if self._store.mark_gone(plan.key, relpath):
                 log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
             return result
         if not isinstance(result, _Pending):
             return result
-        report = ReconcileReport()
-        self._record(plan, [result], report)
-        return report.last_outcome
+        [outcome] = self._record(plan, [result])
+        return outcome
 
     def record_incomplete(
         self, plan: WatchPlan, path: Path, st: os.stat_result | None, reason: str
-    ) -> str:
+    ) -> Outcome:
         """The settler gave up on `path` (never finished within max_wait) at lstat `st`:
         record why. A symlink or FIFO is not "still being written" and is recorded as the walk
         would."""
         relpath = relpath_of(plan.root, path)
         if relpath is None:
-            return "excluded"
+            return Outcome.EXCLUDED
         if st is None:
             # The settler could not lstat it; whatever we find now is what gets recorded.
             try:
                 st = path.lstat()
             except FileNotFoundError:
-                return "gone"
+                return Outcome.GONE
             except OSError as exc:
                 return self._problem(
-                    plan, path, relpath, None, FAILED, f"cannot stat: {exc.strerror}"
+                    plan, path, relpath, None, Outcome.FAILED, f"cannot stat: {exc.strerror}"
                 )
-        if not stat.S_ISREG(st.st_mode):
+        if kind_of(st) is not FileKind.REGULAR:
             return self.record_settled(plan, path, st)
         log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
         self._store.record_problem(
@@ -290,11 +313,11 @@ class Reconciler:
             dataset_id=plan.dataset_id,
             size_bytes=st.st_size,
             mtime_ns=st.st_mtime_ns,
-            state=INCOMPLETE,
+            state=Outcome.INCOMPLETE.value,
             reason=reason,
             now=self._clock(),
         )
-        return INCOMPLETE
+        return Outcome.INCOMPLETE
 
     def _examine_guarded(
         self,
@@ -304,7 +327,7 @@ class Reconciler:
         st: os.stat_result,
         known: KnownFile | None,
         settled: bool = False,
-    ) -> str | _Pending:
+    ) -> Outcome | _Pending:
         """`_examine` behind a per-file barrier: an unexpected exception (a bug, a name or a
         file nobody foresaw) is recorded on that file with the reason and the walk goes on."""
         try:
@@ -313,11 +336,16 @@ class Reconciler:
             log.exception("file_examine_failed", path=str(path), dataset_id=plan.dataset_id)
             try:
                 return self._problem(
-                    plan, path, relpath, st, FAILED, f"internal error: {type(exc).__name__}: {exc}"
+                    plan,
+                    path,
+                    relpath,
+                    st,
+                    Outcome.FAILED,
+                    f"internal error: {type(exc).__name__}: {exc}",
                 )
             except Exception:
                 log.exception("file_problem_unrecorded", path=str(path))
-                return FAILED
+                return Outcome.FAILED
 
     def _examine(
         self,
@@ -327,12 +355,11 @@ class Reconciler:
         st: os.stat_result,
         known: KnownFile | None,
         settled: bool,
-    ) -> str | _Pending:
+    ) -> Outcome | _Pending:
         """An outcome when the file needs no write (or is a problem), else what to record."""
-        if stat.S_ISLNK(st.st_mode):
-            return self._problem(plan, path, relpath, st, FAILED, "symbolic link (not followed)")
-        if not stat.S_ISREG(st.st_mode):
-            return self._problem(plan, path, relpath, st, FAILED, "not a regular file")
+        kind = kind_of(st)
+        if kind is not FileKind.REGULAR:
+            return self._problem(plan, path, relpath, st, Outcome.FAILED, kind.value)
         unchanged_on_disk = (
             known is not None
             and known.state != GONE
@@ -341,28 +368,31 @@ class Reconciler:
         )
         if unchanged_on_disk and known is not None:
             if known.state in (FAILED, INCOMPLETE) and known.metadata_sha256 == "":
-                return "unchanged"  # parked before classification; waits for a change or `retry`
+                # Parked before classification: waits for a change or `retry`.
+                return Outcome.UNCHANGED
             # Same bytes as recorded: reuse the recorded hash, only the rules may have changed.
             return self._classify(plan, path, relpath, st, known.content_sha256, known)
         if not settled and not self._settler.at_rest(st, self._clock()):
             return self._unsettled(plan, path)
         if st.st_size == 0:
-            return self._problem(plan, path, relpath, st, INCOMPLETE, "zero-byte file")
+            return self._problem(plan, path, relpath, st, Outcome.INCOMPLETE, "zero-byte file")
         if st.st_size > self._max_file_bytes:
             return self._problem(
                 plan,
                 path,
                 relpath,
                 st,
-                FAILED,
+                Outcome.FAILED,
                 f"{st.st_size} bytes is over upload.max_file_bytes ({self._max_file_bytes})",
             )
         try:
             inspected = self._inspect(path, st, check_complete=not settled)
         except FileNotFoundError:
-            return "gone"
+            return Outcome.GONE
         except OSError as exc:
-            return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
+            return self._problem(
+                plan, path, relpath, st, Outcome.FAILED, f"unreadable: {exc.strerror}"
+            )
         if inspected is _CHANGED_SINCE_STAT:
             # Written to since `st` was taken: what was decided about it no longer holds.
             return self._unsettled(plan, path)
@@ -372,7 +402,7 @@ class Reconciler:
 
     def _inspect(
         self, path: Path, st: os.stat_result, *, check_complete: bool
-    ) -> str | tuple[str, str] | _Changed:
+    ) -> str | tuple[Outcome, str] | _Changed:
         """The content's sha256, or (state, reason) when the bytes cannot go as they are, or
         `_CHANGED_SINCE_STAT` when the open file's size or mtime are no longer `st`'s.
 
@@ -385,16 +415,16 @@ class Reconciler:
             if (opened.st_size, opened.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                 return _CHANGED_SINCE_STAT
             if sniff_image_type(os.pread(fd, _HEAD_BYTES, 0)) is None:
-                return FAILED, "not an image (unknown file signature)"
+                return Outcome.FAILED, "not an image (unknown file signature)"
             if check_complete:
                 reason = self._settler.image_problem(fd, opened.st_size)
                 if reason is not None:
-                    return INCOMPLETE, reason
+                    return Outcome.INCOMPLETE, reason
             return hashlib.file_digest(f, "sha256").hexdigest()
 
-    def _unsettled(self, plan: WatchPlan, path: Path) -> str:
+    def _unsettled(self, plan: WatchPlan, path: Path) -> Outcome:
         self._settler.submit(path, (plan,))
-        return "unsettled"
+        return Outcome.UNSETTLED
 
     def _classify(
         self,
@@ -404,19 +434,21 @@ class Reconciler:
         st: os.stat_result,
         content_sha256: str | None,
         known: KnownFile | None,
-    ) -> str | _Pending:
+    ) -> Outcome | _Pending:
         if content_sha256 is None:
             try:
                 content_sha256 = file_sha256(path)
             except OSError as exc:
-                return self._problem(plan, path, relpath, st, FAILED, f"unreadable: {exc.strerror}")
+                return self._problem(
+                    plan, path, relpath, st, Outcome.FAILED, f"unreadable: {exc.strerror}"
+                )
         digest = content_sha256
         try:
             classification = plan.rules.classify(
                 relpath, mtime_ns=st.st_mtime_ns, sha256=lambda: digest
             )
         except PathRuleError as exc:
-            return self._problem(plan, path, relpath, st, FAILED, f"path rules: {exc}")
+            return self._problem(plan, path, relpath, st, Outcome.FAILED, f"path rules: {exc}")
         if (
             known is not None
             and known.state != GONE
@@ -425,7 +457,7 @@ class Reconciler:
             and known.metadata_sha256 == classification.metadata_sha256
             and known.dataset_id == plan.dataset_id
         ):
-            return "unchanged"  # the fast path: nothing to write
+            return Outcome.UNCHANGED  # the fast path: nothing to write
         candidate = Candidate(
             watch=plan.key,
             relpath=relpath,
@@ -440,31 +472,32 @@ class Reconciler:
         )
         return _Pending(candidate, path, st)
 
-    def _record(self, plan: WatchPlan, chunk: list[_Pending], report: ReconcileReport) -> None:
-        """Record a chunk of candidates in one transaction; empties `chunk`."""
+    def _record(self, plan: WatchPlan, chunk: Sequence[_Pending]) -> list[Outcome]:
+        """Record a chunk of candidates in one transaction; what became of each."""
         if not chunk:
-            return
-        outcomes = self._store.record_candidates([p.candidate for p in chunk], now=self._clock())
-        queued = False
-        for pending, outcome in zip(chunk, outcomes, strict=True):
-            candidate = pending.candidate
-            if outcome == "collision":
+            return []
+        answers = self._store.record_candidates([p.candidate for p in chunk], now=self._clock())
+        outcomes = []
+        for pending, answer in zip(chunk, answers, strict=True):
+            outcome = Outcome(answer)
+            if outcome is Outcome.COLLISION:
                 outcome = self._settle_collision(plan, pending)
-            if outcome in ("new", "changed"):
-                queued = True
+            if outcome in (Outcome.NEW, Outcome.CHANGED):
+                candidate = pending.candidate
                 log.debug(
                     "file_queued",
                     path=str(pending.path),
                     reference_id=candidate.reference_id,
                     dataset_id=candidate.dataset_id,
-                    why=outcome,
+                    why=outcome.value,
                 )
-            report.add(outcome)
-        chunk.clear()
+            outcomes.append(outcome)
+        queued = Outcome.NEW in outcomes or Outcome.CHANGED in outcomes
         if queued and self._uploader is not None:
             self._uploader.wake()
+        return outcomes
 
-    def _settle_collision(self, plan: WatchPlan, pending: _Pending) -> str:
+    def _settle_collision(self, plan: WatchPlan, pending: _Pending) -> Outcome:
         """Another row holds the reference_id. If its file is no longer on disk (a folder moved
         while we were down, whose old rows the walk has not marked gone yet; a name reused
         after a delete we missed), the reference_id passes to this file; else this one is
@@ -475,7 +508,7 @@ class Reconciler:
                 candidate.dataset_id, candidate.reference_id, candidate.watch, candidate.relpath
             )
             if other is None:
-                return self._store.record_candidate(candidate, now=self._clock())
+                return Outcome(self._store.record_candidate(candidate, now=self._clock()))
             other_path = Path(watch_root(other[0])) / path_from_text(other[1])
             # Each pass retires one stale owner, so this ends.
             if os.path.lexists(other_path) or not self._store.mark_gone(*other, now=self._clock()):
@@ -485,7 +518,7 @@ class Reconciler:
             pending.path,
             candidate.relpath,
             pending.st,
-            FAILED,
+            Outcome.FAILED,
             f"reference_id {candidate.reference_id!r} is already used by {other_path}",
         )
 
@@ -495,14 +528,15 @@ class Reconciler:
         path: Path,
         relpath: str,
         st: os.stat_result | None,
-        state: str,
+        outcome: Outcome,
         reason: str,
-    ) -> str:
+    ) -> Outcome:
+        """Park the file (`outcome` FAILED or INCOMPLETE, its state in the store) with why."""
         log.warning(
             "file_not_sendable",
             path=str(path),
             dataset_id=plan.dataset_id,
-            state=state,
+            state=outcome.value,
             reason=reason,
         )
         self._store.record_problem(
@@ -511,8 +545,8 @@ class Reconciler:
             dataset_id=plan.dataset_id,
             size_bytes=st.st_size if st is not None else -1,
             mtime_ns=st.st_mtime_ns if st is not None else -1,
-            state=state,
+            state=outcome.value,
             reason=reason,
             now=self._clock(),
         )
-        return state
+        return outcome

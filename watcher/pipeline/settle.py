@@ -22,7 +22,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +31,13 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
-from watcher.files import NOT_AN_IMAGE, check_image_complete, check_open_image_complete
+from watcher.files import (
+    FileKind,
+    ImageVerdict,
+    check_image_complete,
+    check_open_image_complete,
+    kind_of,
+)
 from watcher.pipeline.plans import WatchPlan
 
 log = structlog.get_logger("watcher.settle")
@@ -318,11 +323,10 @@ class Settler:
             return _Look(vanished=True)
         except OSError as exc:
             return _Look(unreadable_reason=f"unreadable: {exc.strerror}")
-        if stat.S_ISLNK(st.st_mode):
-            return _Look(st=st, not_regular_reason="symbolic link (not followed)")
-        if not stat.S_ISREG(st.st_mode):
+        kind = kind_of(st)
+        if kind is not FileKind.REGULAR:
             # Never opened: reading a FIFO would block or steal a writer's data.
-            return _Look(st=st, not_regular_reason="not a regular file")
+            return _Look(st=st, not_regular_reason=kind.value)
         observation = _observation_of(st)
         worth_checking = closed_hint or observation == previous
         already_checked = verified is not None and verified[0] == observation
@@ -375,11 +379,7 @@ class Settler:
         if image_reason is None and self._settled(candidate, stable_seconds):
             del self._candidates[path]
             return _Verdict(ready_stat=st)
-        if (
-            image_reason is not None
-            and image_reason.startswith(NOT_AN_IMAGE)
-            and stable_seconds >= self._settle_seconds
-        ):
+        if image_reason == ImageVerdict.NOT_AN_IMAGE and stable_seconds >= self._settle_seconds:
             # No amount of waiting turns this into an image: hand it on now, and let the
             # classifier park it with the same reason a folder walk would give.
             del self._candidates[path]

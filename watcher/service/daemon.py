@@ -22,12 +22,12 @@ import structlog
 
 from watcher.config import Settings, load_settings, resolve_api_key
 from watcher.errors import ConfigError
-from watcher.pipeline import FreeSpaceGuard
+from watcher.pipeline import FreeSpaceGuard, Outcome
 from watcher.pipeline import wiring as pipeline
 from watcher.service.logs import add_secret
 from watcher.service.metrics import Metrics, UploadMetrics
 from watcher.service.sdnotify import SystemdNotifier
-from watcher.store import INCOMPLETE, retry_request_path
+from watcher.store import retry_request_path
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -102,11 +102,11 @@ class _FileMetrics:
     def seen(self, watch: str) -> None:
         self._metrics.files_seen_total.labels(watch=watch).inc()
 
-    def settled(self, watch: str, outcome: str) -> None:
+    def settled(self, watch: str, outcome: Outcome) -> None:
         self._metrics.files_settled_total.labels(watch=watch).inc()
 
-    def gave_up(self, watch: str, outcome: str) -> None:
-        if outcome == INCOMPLETE:  # a symlink or FIFO is recorded failed, not incomplete
+    def gave_up(self, watch: str, outcome: Outcome) -> None:
+        if outcome is Outcome.INCOMPLETE:  # a symlink or FIFO is recorded failed, not incomplete
             self._metrics.incomplete_files_total.labels(watch=watch).inc()
 
 
