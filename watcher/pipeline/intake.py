@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 from watchdog.events import (
@@ -66,7 +68,7 @@ warnings.filterwarnings(
     "ignore",
     message="Callback with id .* already exists",
     category=RuntimeWarning,
-    module=r"watcher\.intake",
+    module=re.escape(__name__),
 )
 
 
@@ -81,21 +83,30 @@ class WatchSpec:
     polling: bool = False
 
 
-@dataclass(frozen=True)
-class _Sinks:
-    on_candidate: Callable[[str, Path, bool], None]
-    on_deleted: Callable[[str, Path], None]
-    on_rescan_needed: Callable[[str | None, str], None]
+class IntakeSink(Protocol):
+    """Where the intake delivers. Called on watchdog's threads: return quickly, and never call
+    back into `start`, `reconfigure`, `supervise` or `stop` (those join the very threads that
+    make the call). `key` names the watch (`WatchSpec.key`)."""
+
+    def on_candidate(self, key: str, path: Path, closed: bool) -> None:
+        """Something happened to the file at `path`; `closed` after a close-after-write."""
+
+    def on_deleted(self, key: str, path: Path) -> None:
+        """The file at `path` was deleted or moved away."""
+
+    def on_rescan_needed(self, key: str | None, reason: str) -> None:
+        """Events may have been lost for `key` (every watch when None): walk it. Comes in
+        bursts (a tree of new folders); coalesce."""
 
 
 class _WatchEventHandler(FileSystemEventHandler):
     """Turns one watch's watchdog events into candidate/deleted/rescan callbacks."""
 
-    def __init__(self, spec: WatchSpec, watched_dir: str, sinks: _Sinks) -> None:
+    def __init__(self, spec: WatchSpec, watched_dir: str, sink: IntakeSink) -> None:
         self._spec = spec
         # The resolved root (watchdog reports paths under it); reported paths use spec.root.
         self._prefix = watched_dir.rstrip("/") + "/"
-        self._sinks = sinks
+        self._sink = sink
 
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
@@ -130,17 +141,17 @@ class _WatchEventHandler(FileSystemEventHandler):
         else:
             return
         if relpath is not None and self._spec.path_filter.accepts_dir(relpath):
-            self._sinks.on_rescan_needed(self._spec.key, "new folder")
+            self._sink.on_rescan_needed(self._spec.key, "new folder")
 
     def _candidate(self, raw_path: bytes | str, *, closed: bool) -> None:
         relpath = self._relative(raw_path)
         if relpath is not None and self._spec.path_filter.accepts(relpath):
-            self._sinks.on_candidate(self._spec.key, self._spec.root / relpath, closed)
+            self._sink.on_candidate(self._spec.key, self._spec.root / relpath, closed)
 
     def _deleted(self, raw_path: bytes | str) -> None:
         relpath = self._relative(raw_path)
         if relpath is not None and self._spec.path_filter.accepts(relpath):
-            self._sinks.on_deleted(self._spec.key, self._spec.root / relpath)
+            self._sink.on_deleted(self._spec.key, self._spec.root / relpath)
 
     def _relative(self, raw_path: bytes | str) -> str | None:
         path = os.fsdecode(raw_path)
@@ -249,26 +260,14 @@ class _WatchRunner:
 
 
 class Intake:
-    """Runs one watchdog observer per watch and hands what they see to three callbacks.
+    """Runs one watchdog observer per watch and hands what they see to `sink`."""
 
-    The callbacks run on watchdog's threads: they must return quickly and must not call back
-    into `start`, `reconfigure`, `supervise` or `stop` (those join the very threads that run
-    them). `on_rescan_needed` can come in bursts (a tree of new folders); coalesce them.
-    """
-
-    def __init__(
-        self,
-        *,
-        on_candidate: Callable[[str, Path, bool], None],
-        on_deleted: Callable[[str, Path], None],
-        on_rescan_needed: Callable[[str | None, str], None],
-        polling_interval_seconds: float = 2.0,
-    ) -> None:
+    def __init__(self, sink: IntakeSink, *, polling_interval_seconds: float = 2.0) -> None:
         if polling_interval_seconds <= 0:
             raise ValueError(
                 f"polling_interval_seconds must be positive: {polling_interval_seconds}"
             )
-        self._sinks = _Sinks(on_candidate, on_deleted, on_rescan_needed)
+        self._sink = sink
         self._polling_interval_seconds = polling_interval_seconds
         # start/reconfigure/supervise/stop may come from different threads. Never taken by
         # watchdog's threads, so joining them while holding it cannot deadlock.
@@ -308,7 +307,7 @@ class Intake:
                     rescans.append((key, "watch added"))
             self._runners = runners
         for key, reason in rescans:
-            self._sinks.on_rescan_needed(key, reason)
+            self._sink.on_rescan_needed(key, reason)
 
     def supervise(self) -> None:
         """Repair what broke since the last call (the daemon calls this every few seconds)."""
@@ -321,7 +320,7 @@ class Intake:
                 if reason is not None:
                     rescans.append((runner.spec.key, reason))
         for key, reason in rescans:
-            self._sinks.on_rescan_needed(key, reason)
+            self._sink.on_rescan_needed(key, reason)
 
     def stop(self) -> None:
         """Stop and join every observer."""
@@ -380,7 +379,7 @@ class Intake:
         if identity is None:
             self._note_problem(runner, "folder is missing")
             return False
-        handler = _WatchEventHandler(spec, identity.resolved, self._sinks)
+        handler = _WatchEventHandler(spec, identity.resolved, self._sink)
         try:
             if spec.polling or runner.polling_forced:
                 observer = self._start_polling(handler, identity.resolved, spec)
@@ -425,7 +424,7 @@ class Intake:
             # Runs on the inotify reader thread: hand on, and never let it raise there.
             log.warning("inotify_overflow", watch=key, path=str(spec.root))
             try:
-                self._sinks.on_rescan_needed(key, "kernel event queue overflow")
+                self._sink.on_rescan_needed(key, "kernel event queue overflow")
             except Exception:
                 log.exception("intake_callback_failed", watch=key)
 

@@ -190,8 +190,8 @@ class LiveEvents(SettledEvents, Protocol):
 
 
 class LiveRoutes:
-    """Carries the intake's events to the settler and the store, and holds the current
-    watches. Its methods run on the intake's threads: they hand on and return."""
+    """The intake's sink: carries its events to the settler and the store, and holds the
+    current watches. Its methods run on the intake's threads: they hand on and return."""
 
     def __init__(
         self,
@@ -268,9 +268,5 @@ def build_live(
     routes = LiveRoutes(
         plans, store=store, settler=settler_, events=events, on_rescan_needed=on_rescan_needed
     )
-    intake = Intake(
-        on_candidate=routes.on_candidate,
-        on_deleted=routes.on_deleted,
-        on_rescan_needed=routes.on_rescan_needed,
-    )
+    intake = Intake(routes)
     return LivePipeline(store, client, uploader_, settler_, reconciler_, intake, routes)
