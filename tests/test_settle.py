@@ -401,7 +401,7 @@ def test_a_bug_in_one_files_check_is_reported_on_that_file_and_others_settle(
 ) -> None:
     # The image check is replaced by one that fails for one file: it stands for any bug that
     # nobody foresaw (a format the checker mishandles, a name it cannot take).
-    import watcher.pipeline.settle as settle_module
+    import watcher.pipeline.settle_look as settle_module
 
     real_check = settle_module.check_image_complete
 

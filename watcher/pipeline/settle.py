@@ -27,18 +27,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import structlog
 
-from watcher.files import (
-    FileKind,
-    ImageVerdict,
-    check_image_complete,
-    check_open_image_complete,
-    kind_of,
-)
+from watcher.files import ImageVerdict, check_open_image_complete
 from watcher.pipeline.plans import WatchPlan
+from watcher.pipeline.settle_look import (
+    UNREADABLE,
+    Look,
+    Observation,
+    Verified,
+    look_at,
+    observation_of,
+)
 
 log = structlog.get_logger("watcher.settle")
 
@@ -48,19 +50,6 @@ log = structlog.get_logger("watcher.settle")
 # so 0.1 s is ten ticks: a second write would show as a new mtime or size. It is still 20x
 # shorter than the default 2 s settle, which is the whole point of listening for the close.
 CLOSE_GRACE_SECONDS = 0.1
-
-
-class _Observation(NamedTuple):
-    size_bytes: int
-    mtime_ns: int
-
-
-def _observation_of(st: os.stat_result) -> _Observation:
-    return _Observation(st.st_size, st.st_mtime_ns)
-
-
-# Stands in for the observation of a file that could not be stat'ed, so that parking works for it.
-_UNREADABLE = _Observation(-1, -1)
 
 
 @dataclass(frozen=True)
@@ -100,25 +89,14 @@ class _Candidate:
     submits: int = 0  # bumped by every submit; a look that raced with a submit is not trusted
     heap_token: int = -1  # matches the live heap entry; older entries are stale
     closed_hint: bool = False  # a close-after-write came and no later write event yet
-    observation: _Observation | None = None
+    observation: Observation | None = None
     observed_since: float = 0.0  # when `observation` was first seen
-    verified: tuple[_Observation, str | None] | None = None  # last image check and its verdict
-    reported: _Observation | None = None  # parked: on_incomplete already told about this state
+    verified: Verified | None = None  # last image check and its verdict
+    reported: Observation | None = None  # parked: on_incomplete already told about this state
 
     @property
     def parked(self) -> bool:
         return self.reported is not None
-
-
-@dataclass(frozen=True)
-class _Look:
-    """What one look at a file found (taken without the lock)."""
-
-    vanished: bool = False
-    st: os.stat_result | None = None
-    not_regular_reason: str | None = None
-    unreadable_reason: str | None = None
-    verified: tuple[_Observation, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -268,12 +246,18 @@ class Settler:
                 submits = candidate.submits
                 snapshot = (candidate.closed_hint, candidate.observation, candidate.verified)
             try:
-                look = self._look(candidate.path, *snapshot)
+                look = look_at(
+                    candidate.path,
+                    verify_image=self._verify_image,
+                    closed_hint=snapshot[0],
+                    previous=snapshot[1],
+                    verified=snapshot[2],
+                )
             except Exception as exc:
                 # One file's surprise must not end the settling of every other file: it is
                 # treated as unreadable, retried, and reported with the reason after max_wait.
                 log.exception("settle_look_failed", path=str(candidate.path))
-                look = _Look(unreadable_reason=f"internal error: {type(exc).__name__}: {exc}")
+                look = Look(unreadable_reason=f"internal error: {type(exc).__name__}: {exc}")
             with self._cond:
                 verdict = self._decide(candidate, submits, look)
                 plans = candidate.plans
@@ -308,43 +292,7 @@ class Settler:
             self._cond.wait(timeout)
         return None
 
-    def _look(
-        self,
-        path: Path,
-        closed_hint: bool,
-        previous: _Observation | None,
-        verified: tuple[_Observation, str | None] | None,
-    ) -> _Look:
-        """Without the lock: lstat, and the image check when its verdict could matter."""
-        try:
-            # lstat: a symlink is not followed, so nothing outside the watch root is read.
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return _Look(vanished=True)
-        except OSError as exc:
-            return _Look(unreadable_reason=f"unreadable: {exc.strerror}")
-        kind = kind_of(st)
-        if kind is not FileKind.REGULAR:
-            # Never opened: reading a FIFO would block or steal a writer's data.
-            return _Look(st=st, not_regular_reason=kind.value)
-        observation = _observation_of(st)
-        worth_checking = closed_hint or observation == previous
-        already_checked = verified is not None and verified[0] == observation
-        if not self._verify_image or not worth_checking or already_checked:
-            return _Look(st=st)
-        reason = check_image_complete(path)
-        try:
-            st_after = os.lstat(path)
-        except FileNotFoundError:
-            return _Look(vanished=True)
-        except OSError as exc:
-            return _Look(unreadable_reason=f"unreadable: {exc.strerror}")
-        if _observation_of(st_after) != observation:
-            # Written to while we read head and tail: the verdict belongs to no real state.
-            return _Look(st=st_after)
-        return _Look(st=st, verified=(observation, reason))
-
-    def _decide(self, candidate: _Candidate, submits: int, look: _Look) -> _Verdict:
+    def _decide(self, candidate: _Candidate, submits: int, look: Look) -> _Verdict:
         """Under the lock: fold a look into the candidate; say what to report, if anything."""
         path = candidate.path
         if self._candidates.get(path) is not candidate or candidate.submits != submits:
@@ -358,7 +306,7 @@ class Settler:
         if look.verified is not None:
             candidate.verified = look.verified
         st = look.st
-        observation = _UNREADABLE if st is None else _observation_of(st)
+        observation = UNREADABLE if st is None else observation_of(st)
         if candidate.reported is not None:
             if observation == candidate.reported:
                 return _Verdict()  # still the state we reported; stay parked
@@ -390,7 +338,7 @@ class Settler:
             reason = f"still changing after {self._max_wait_seconds:g} s"
         return self._not_ready(candidate, now, st, reason)
 
-    def _image_reason(self, candidate: _Candidate, observation: _Observation) -> str | None:
+    def _image_reason(self, candidate: _Candidate, observation: Observation) -> str | None:
         """Why the image is not complete (None when it is, or when not checking images)."""
         if not self._verify_image:
             return None
@@ -414,7 +362,7 @@ class Settler:
         st: os.stat_result | None,
         reason: str,
     ) -> _Verdict:
-        observation = _UNREADABLE if st is None else _observation_of(st)
+        observation = UNREADABLE if st is None else observation_of(st)
         give_up_at = candidate.pending_since + self._max_wait_seconds
         if now >= give_up_at:
             # Parked on this state: a new look at the same size and mtime stays quiet.
@@ -424,7 +372,7 @@ class Settler:
         if candidate.closed_hint and not self._verify_image:
             wait_seconds = CLOSE_GRACE_SECONDS
         next_look = now + wait_seconds
-        if observation != _UNREADABLE and candidate.observed_since + wait_seconds > now:
+        if observation != UNREADABLE and candidate.observed_since + wait_seconds > now:
             next_look = candidate.observed_since + wait_seconds
         self._schedule(candidate, min(next_look, give_up_at))
         return _Verdict()

@@ -17,7 +17,8 @@ from watcher.config import Settings, compile_rules
 from watcher.files import PathFilter
 from watcher.nucleus import NucleusClient, TokenBucket
 from watcher.pipeline.disk import AfterUpload, FanOutEvents
-from watcher.pipeline.intake import Intake, WatchSpec
+from watcher.pipeline.intake import Intake
+from watcher.pipeline.intake_events import WatchSpec
 from watcher.pipeline.plans import WatchPlan, plans_for, plans_taking
 from watcher.pipeline.reconcile import Reconciler, SettledEvents
 from watcher.pipeline.settle import Settler
