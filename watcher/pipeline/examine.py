@@ -24,7 +24,7 @@ from watcher.files import FileKind, kind_of, open_regular_file, path_from_text, 
 from watcher.pipeline.plans import WatchPlan
 from watcher.store import FAILED, GONE, INCOMPLETE, Candidate, KnownFile, StateStore, watch_root
 
-# The per-file decision used to be part of reconcile.py; its log lines keep that logger name.
+# Logs as the reconcile, the logger name operators filter on for what became of a file.
 log = structlog.get_logger("watcher.reconcile")
 
 _HEAD_BYTES = 64
@@ -46,6 +46,8 @@ class Outcome(StrEnum):
 
 
 class _Changed(Enum):
+    """The open file no longer has the size and mtime the decision was made on."""
+
     SINCE_STAT = "changed since its lstat"
 
 

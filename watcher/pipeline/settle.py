@@ -15,6 +15,10 @@ When a candidate is ready:
 With `verify_image`, "held still" is not enough either: a stable file whose JPEG has no EOI yet
 keeps waiting. After `max_wait_seconds` a candidate that never became ready is reported once
 through `on_incomplete`, then parked until its size or mtime changes.
+
+A report carries the watches the path was submitted for and the lstat the verdict rests on, so
+the reconciler records from that lstat. The settler is also the judge a walk asks about a file
+it sees once (`at_rest`, `image_problem`): "is it finished?" is answered here only.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Builds the pipeline's parts from the settings, each given only its own part of them, and
-connects them: `build_live` hands `run` every part, built, before its loop starts.
+connects them: `build_live` and `build_scan` hand `run` and `scan` every part, built and
+connected, before anything starts.
 
 `scan` and `run` share this so the two commands cannot drift apart in how they upload.
 """
@@ -25,7 +26,7 @@ from watcher.pipeline.settle import Settler
 from watcher.pipeline.uploader import Uploader, UploadEvents, UploadPolicy
 from watcher.store import StateStore, watch_key, watch_key_aliases
 
-# LiveRoutes used to be part of the daemon; its log lines keep the daemon's logger name.
+# LiveRoutes logs as the daemon (file_gone), the logger name operators filter on.
 log = structlog.get_logger("watcher.daemon")
 
 
