@@ -73,12 +73,7 @@ def make_intake() -> Iterator[IntakeFactory]:
 
     def make(polling_interval_seconds: float = 2.0) -> tuple[Intake, Calls]:
         calls = Calls()
-        intake = Intake(
-            on_candidate=calls.on_candidate,
-            on_deleted=calls.on_deleted,
-            on_rescan_needed=calls.on_rescan_needed,
-            polling_interval_seconds=polling_interval_seconds,
-        )
+        intake = Intake(calls, polling_interval_seconds=polling_interval_seconds)
         made.append(intake)
         return intake, calls
 
@@ -419,20 +414,17 @@ class DaemonBug(BaseException):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_dead_observer_thread_is_restarted(root: Path, make_intake: IntakeFactory) -> None:
-    calls = Calls()
     crashed = threading.Event()
 
-    def on_candidate(key: str, path: Path, closed: bool) -> None:
-        if path.name == "crash.jpg":
-            crashed.set()
-            raise DaemonBug("boom")
-        calls.on_candidate(key, path, closed)
+    class CrashingCalls(Calls):
+        def on_candidate(self, key: str, path: Path, closed: bool) -> None:
+            if path.name == "crash.jpg":
+                crashed.set()
+                raise DaemonBug("boom")
+            super().on_candidate(key, path, closed)
 
-    intake = Intake(
-        on_candidate=on_candidate,
-        on_deleted=calls.on_deleted,
-        on_rescan_needed=calls.on_rescan_needed,
-    )
+    calls = CrashingCalls()
+    intake = Intake(calls)
     threads_before = set(_watchdog_threads())
     try:
         intake.start([spec(root)])

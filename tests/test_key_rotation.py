@@ -84,7 +84,7 @@ class Rig:
         write_jpeg(path, seed=seed)
         old = time.time() - 60
         os.utime(path, (old, old))
-        self.reconciler.consider(self.plan, path, settled=True)
+        self.reconciler.record_settled(self.plan, path, path.lstat())
         assert self.uploader is not None
         self.uploader.wake()
         return path

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.imagefactory import jpeg_bytes
-from watcher.pipeline import CLOSE_GRACE_SECONDS, Settler
+from watcher.config import settings_from_mapping
+from watcher.pipeline import CLOSE_GRACE_SECONDS, IncompleteFile, ReadyFile, Settler, WatchPlan
+from watcher.pipeline import wiring as pipeline
 
 WAIT_SECONDS = 10.0  # upper bound for anything we wait for; never reached when things work
 
@@ -25,21 +27,36 @@ class Outcomes:
     ready: list[tuple[Path, bytes]] = field(default_factory=list)
     incomplete: list[tuple[Path, str]] = field(default_factory=list)
 
-    def on_ready(self, path: Path, st: os.stat_result) -> None:
-        data = path.read_bytes()
-        assert st.st_size == len(data)
+    def on_ready(self, file: ReadyFile) -> None:
+        data = file.path.read_bytes()
+        assert file.st.st_size == len(data)
         with self.cond:
-            self.ready.append((path, data))
+            self.ready.append((file.path, data))
             self.cond.notify_all()
 
-    def on_incomplete(self, path: Path, reason: str) -> None:
+    def on_incomplete(self, file: IncompleteFile) -> None:
         with self.cond:
-            self.incomplete.append((path, reason))
+            self.incomplete.append((file.path, file.reason))
             self.cond.notify_all()
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT_SECONDS) -> bool:
         with self.cond:
             return self.cond.wait_for(predicate, timeout)
+
+
+@dataclass
+class ReadyHook:
+    """A sink that hands each ready file to one function (and keeps it), ignoring the rest."""
+
+    hook: Callable[[Path, os.stat_result], None]
+    files: list[ReadyFile] = field(default_factory=list)
+
+    def on_ready(self, file: ReadyFile) -> None:
+        self.files.append(file)
+        self.hook(file.path, file.st)
+
+    def on_incomplete(self, file: IncompleteFile) -> None:
+        pass
 
 
 SettlerFactory = Callable[..., tuple[Settler, Outcomes]]
@@ -65,12 +82,11 @@ def make_settler() -> Iterator[SettlerFactory]:
             "settle_seconds": 0.3,
             "max_wait_seconds": 30.0,
             "verify_image": True,
-            "on_ready": outcomes.on_ready,
-            "on_incomplete": outcomes.on_incomplete,
         }
+        sink = overrides.pop("sink", outcomes)
         params.update(overrides)
         settler = Settler(**params)  # type: ignore[arg-type]
-        settler.start()
+        settler.start(sink)  # type: ignore[arg-type]
         started.append(settler)
         return settler, outcomes
 
@@ -109,7 +125,7 @@ def test_jpeg_written_in_one_go_and_closed_is_ready_without_waiting(
     settler.submit(path, closed=True)
     assert outcomes.wait_until(lambda: len(outcomes.ready) == 1)
     assert outcomes.ready == [(path, data)]
-    assert settler.pending_count() == 0
+    assert settler.pending_paths() == []
 
 
 def test_close_without_image_check_waits_only_the_grace(
@@ -141,7 +157,7 @@ def test_close_of_an_incomplete_jpeg_is_not_trusted(
     for _ in range(5):  # well past settle_seconds on the settler's clock
         clock.advance(0.3)
         assert not outcomes.wait_until(lambda: bool(outcomes.ready), timeout=0.1)
-    assert settler.pending_count() == 1
+    assert settler.pending_paths() == [path]
     with path.open("ab") as f:
         f.write(data[len(data) // 2 :])
     settler.submit(path, closed=True)
@@ -210,7 +226,7 @@ def test_incomplete_jpeg_is_reported_once_after_max_wait_then_ready_when_finishe
     settler.submit(path, closed=True)
     assert outcomes.wait_until(lambda: len(outcomes.incomplete) == 1)
     assert outcomes.incomplete == [(path, "JPEG has no end-of-image marker")]
-    assert settler.pending_count() == 0  # parked, no longer counted as pending
+    assert settler.pending_paths() == []  # parked, no longer counted as pending
 
     # The same unchanged file handed over again (a periodic reconcile) stays quiet.
     settler.submit(path)
@@ -301,10 +317,10 @@ def test_deleted_file_is_dropped_silently(tmp_path: Path, make_settler: SettlerF
     path = tmp_path / "gone.jpg"
     path.write_bytes(jpeg_bytes()[:100])
     settler.submit(path)
-    assert settler.pending_count() == 1
+    assert settler.pending_paths() == [path]
     path.unlink()
     settler.submit(path)
-    assert eventually(lambda: settler.pending_count() == 0)
+    assert eventually(lambda: settler.pending_paths() == [])
     assert outcomes.ready == [] and outcomes.incomplete == []
 
 
@@ -319,7 +335,7 @@ def test_forget_drops_a_pending_path(tmp_path: Path, make_settler: SettlerFactor
     settler.submit(kept)
     assert outcomes.wait_until(lambda: len(outcomes.ready) == 1)
     assert [path for path, _ in outcomes.ready] == [kept]
-    assert settler.pending_count() == 0
+    assert settler.pending_paths() == []
 
 
 def test_callbacks_run_outside_the_settler_lock(
@@ -336,7 +352,7 @@ def test_callbacks_run_outside_the_settler_lock(
         if not probe.is_alive():
             other_thread_got_through.set()
 
-    settler, _ = make_settler(on_ready=on_ready)
+    settler, _ = make_settler(sink=ReadyHook(on_ready))
     settler_box.append(settler)
     path = tmp_path / "x.jpg"
     path.write_bytes(jpeg_bytes())
@@ -356,7 +372,7 @@ def test_a_failing_callback_does_not_stop_the_settler(
             raise RuntimeError("consumer bug")
         done.set()
 
-    settler, _ = make_settler(on_ready=on_ready)
+    settler, _ = make_settler(sink=ReadyHook(on_ready))
     first, second = tmp_path / "1.jpg", tmp_path / "2.jpg"
     first.write_bytes(jpeg_bytes(seed=1))
     second.write_bytes(jpeg_bytes(seed=2))
@@ -377,8 +393,6 @@ def test_refuses_unusable_timings(settle_seconds: float, max_wait_seconds: float
             settle_seconds=settle_seconds,
             max_wait_seconds=max_wait_seconds,
             verify_image=True,
-            on_ready=lambda path, st: None,
-            on_incomplete=lambda path, reason: None,
         )
 
 
@@ -387,7 +401,7 @@ def test_a_bug_in_one_files_check_is_reported_on_that_file_and_others_settle(
 ) -> None:
     # The image check is replaced by one that fails for one file: it stands for any bug that
     # nobody foresaw (a format the checker mishandles, a name it cannot take).
-    import watcher.pipeline.settle as settle_module
+    import watcher.pipeline.settle_look as settle_module
 
     real_check = settle_module.check_image_complete
 
@@ -407,3 +421,43 @@ def test_a_bug_in_one_files_check_is_reported_on_that_file_and_others_settle(
     assert [path for path, _ in outcomes.ready] == [fine]
     assert outcomes.incomplete == [(boom, "internal error: RuntimeError: checker bug")]
     assert settler.is_alive()
+
+
+def _plans(tmp_path: Path, *datasets: str) -> list[WatchPlan]:
+    settings = settings_from_mapping(
+        {
+            "nucleus": {"endpoint": "http://127.0.0.1:9/v1/nucleus"},
+            "state": {"path": str(tmp_path / "state.db")},
+            "watch": [{"path": str(tmp_path), "dataset_id": dataset} for dataset in datasets],
+        }
+    )
+    return pipeline.watch_plans(settings)
+
+
+def test_a_file_comes_with_every_watch_it_was_submitted_for(
+    tmp_path: Path, make_settler: SettlerFactory
+) -> None:
+    first, second = _plans(tmp_path, "ds_a", "ds_b")
+    ready: list[ReadyFile] = []
+    settler, _ = make_settler(sink=ReadyHook(lambda path, st: None, ready))
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpeg_bytes())
+    settler.submit(path, (first,))
+    settler.submit(path, (second, first), closed=True)
+    assert eventually(lambda: len(ready) == 1)
+    assert ready[0].plans == (first, second)
+    assert ready[0].st.st_size == path.stat().st_size
+
+
+def test_reroute_sends_pending_files_to_the_new_watches_and_drops_orphans(
+    tmp_path: Path, make_settler: SettlerFactory
+) -> None:
+    [old] = _plans(tmp_path, "ds_a")
+    [new] = _plans(tmp_path, "ds_b")
+    settler, outcomes = make_settler(settle_seconds=30.0, max_wait_seconds=60.0)
+    kept, dropped = tmp_path / "kept.jpg", tmp_path / "dropped.jpg"
+    settler.submit(kept, (old,))
+    settler.submit(dropped, (old,))
+    settler.reroute(lambda path: (new,) if path == kept else ())
+    assert settler.pending_paths() == [kept]
+    assert outcomes.ready == [] and outcomes.incomplete == []

@@ -112,7 +112,7 @@ def test_a_bug_on_one_file_is_recorded_on_it_and_the_walk_goes_on(
 ) -> None:
     # Opening is replaced by one that fails for one file: it stands for any bug nobody
     # foresaw. The walk must record that file with the reason and go on with the rest.
-    import watcher.pipeline.reconcile as reconcile_module
+    import watcher.pipeline.examine as reconcile_module
 
     real_open = reconcile_module.open_regular_file
 

@@ -3,20 +3,18 @@ jobs, print a summary; exit 0 when everything is confirmed, 1 when some items ar
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 import structlog
 
 from watcher.config import Settings
 from watcher.files import path_text
-from watcher.pipeline import Reconciler, UploadEvents, WatchPlan
+from watcher.pipeline import Outcome, UploadEvents
 from watcher.pipeline import wiring as pipeline
 from watcher.store import FileRecord, FileState
 
@@ -78,96 +76,56 @@ class ScanProgress(UploadEvents):
             self._stream.flush()
 
 
-class _UnsettledFiles:
-    """The files the walk found still changing, handed to the same Settler the daemon uses."""
+class _SettledTally:
+    """What became of the files the walk found still being written (the settler finished
+    them during the scan), for the summary."""
 
-    def __init__(self, settings: Settings, progress: ScanProgress) -> None:
+    def __init__(self, progress: ScanProgress) -> None:
         self._progress = progress
         self._lock = threading.Lock()
-        # Every watch that found the path still changing (one folder may feed two datasets).
-        self._plans: dict[Path, list[WatchPlan]] = {}
-        self.outcomes: list[str] = []
-        self.reconciler: Reconciler | None = None
-        self._settler = pipeline.settler(
-            settings, on_ready=self._ready, on_incomplete=self._incomplete
-        )
+        self.outcomes: list[Outcome] = []
 
-    def start(self) -> None:
-        self._settler.start()
-
-    def stop(self) -> None:
-        self._settler.stop()
-
-    def submit(self, plan: WatchPlan, path: Path) -> None:
+    def settled(self, watch: str, outcome: Outcome) -> None:
         with self._lock:
-            plans = self._plans.setdefault(path, [])
-            if plan not in plans:
-                plans.append(plan)
-        self._settler.submit(path)
+            self.outcomes.append(outcome)
+            if outcome in (Outcome.NEW, Outcome.CHANGED):
+                self._progress.total += 1
 
-    def wait(self, timeout_seconds: float) -> list[Path]:
-        """Until every submitted file is ready, vanished or reported incomplete; the paths
-        still settling when `timeout_seconds` ran out."""
-        deadline = time.monotonic() + timeout_seconds
-        while self._settler.pending_count() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self._settler.pending_paths()
-
-    def _ready(self, path: Path, _stat: os.stat_result) -> None:
-        assert self.reconciler is not None
-        for plan in self._plans_of(path):
-            outcome = self.reconciler.consider(plan, path, settled=True)
-            with self._lock:
-                self.outcomes.append(outcome)
-                if outcome in ("new", "changed"):
-                    self._progress.total += 1
-
-    def _incomplete(self, path: Path, reason: str) -> None:
-        assert self.reconciler is not None
-        for plan in self._plans_of(path):
-            outcome = self.reconciler.record_incomplete(plan, path, reason)
-            with self._lock:
-                self.outcomes.append(outcome)
-
-    def _plans_of(self, path: Path) -> list[WatchPlan]:
+    def gave_up(self, watch: str, outcome: Outcome) -> None:
         with self._lock:
-            return list(self._plans.get(path, ()))
+            self.outcomes.append(outcome)
 
 
 def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int:
     # Looked up per call, not bound at import: a caller (or a test) may have replaced it.
     out = sys.stdout if out is None else out
     plans = pipeline.watch_plans(settings)
-    store = pipeline.open_store(settings)
-    client = pipeline.nucleus_client(settings, api_key)
+    progress = ScanProgress(0, sys.stderr)
+    settled = _SettledTally(progress)
+    parts = pipeline.build_scan(settings, api_key, upload_events=progress, events=settled)
+    store, uploader = parts.store, parts.uploader
     started = time.monotonic()
     try:
         store.release_in_flight()
         store.reset_pending_attempts()
-        progress = ScanProgress(store.state_counts()[FileState.PENDING], sys.stderr)
-        uploader = pipeline.uploader(settings, store, client, progress)
-        unsettled = _UnsettledFiles(settings, progress)
+        progress.total = store.state_counts()[FileState.PENDING]
         # Uploads start while the walk goes on: the walk records files in chunks and wakes
         # the workers once per chunk, so batches stay full and the two overlap.
-        reconciler = pipeline.reconciler(
-            settings, store, on_unsettled=unsettled.submit, on_queued=uploader.wake
-        )
-        unsettled.reconciler = reconciler
-        uploader.start()
-        unsettled.start()
+        parts.start()
         try:
-            report = reconciler.reconcile(plans)
+            report = parts.reconciler.reconcile(plans)
             progress.total = report.queued_new + report.queued_changed + progress.total
             # Files still being written when the walk saw them (or whose mtime is in the
             # future): the settler watches them hold still on the monotonic clock; what never
             # finishes within settle.max_wait_seconds is recorded incomplete and listed.
-            still_settling = unsettled.wait(settings.settle.max_wait_seconds + 5.0)
+            still_settling = parts.settler.wait_until_settled(
+                settings.settle.max_wait_seconds + 5.0
+            )
             drained = uploader.wait_until_drained(SCAN_MAX_ATTEMPTS)
         finally:
-            unsettled.stop()
-            uploader.stop(settings.upload.stop_timeout_seconds)
+            parts.stop(settings.upload.stop_timeout_seconds)
             progress.finish()
-        report.merge_outcomes(unsettled.outcomes)
+        report.merge_outcomes(settled.outcomes)
         seconds = time.monotonic() - started
         counts = store.state_counts()
         tally = progress.tally
@@ -195,5 +153,4 @@ def run_scan(settings: Settings, api_key: str, out: TextIO | None = None) -> int
             return 1
         return 0
     finally:
-        client.close()
-        store.close()
+        parts.close()

@@ -18,15 +18,35 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import struct
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+
+from watcher.errors import NotARegularFile
+from watcher.files.localfile import FileKind, kind_of, open_regular_file
 
 # How much of the head `sniff_image_type` looks at; callers reading a head should read this much.
 SNIFF_BYTES = 32
-# The start of every reason that means "this will never be an image": no point waiting.
-NOT_AN_IMAGE = "not an image"
+
+
+class ImageVerdict(StrEnum):
+    """The fixed reasons an image is not complete. Two more carry details: "JPEG marker
+    structure is broken at byte N" and "unreadable: <error>"."""
+
+    NOT_AN_IMAGE = "not an image: unknown signature"  # no amount of waiting changes this one
+    NOT_REGULAR = FileKind.OTHER.value
+    ZERO_BYTES = "zero-byte file"
+    JPEG_NO_EOI = "JPEG has no end-of-image marker"
+    PNG_NO_IEND = "PNG has no IEND chunk"
+    GIF_NO_TRAILER = "GIF has no trailer"
+    WEBP_SIZE_MISMATCH = "WebP size does not match its RIFF header"
+    BMP_SHORT = "BMP is shorter than its header says"
+    TIFF_HEADER_SHORT = "TIFF header is incomplete"
+    TIFF_DIRECTORY_OUTSIDE = "TIFF first directory lies outside the file"
+    TIFF_TABLE_OUTSIDE = "TIFF strip or tile table lies outside the file"
+    TIFF_DATA_SHORT = "TIFF is shorter than its strips or tiles"
+
 
 # Some cameras pad a JPEG after EOI with zeros up to a block size; up to this much padding the
 # end of the file decides at once. Anything longer (or any other trailer) needs the walk.
@@ -97,30 +117,27 @@ def check_image_complete(path: Path) -> str | None:
         st = os.stat(path)
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
+    if kind_of(st) is not FileKind.REGULAR:
+        return ImageVerdict.NOT_REGULAR.value
     if st.st_size == 0:
-        return "zero-byte file"
+        return ImageVerdict.ZERO_BYTES.value
     try:
         # Should the path become a FIFO or a symlink between stat and open: no hang, no follow.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open_regular_file(path) as f:
+            fd = f.fileno()
+            return check_open_image_complete(fd, os.fstat(fd).st_size)
+    except NotARegularFile as exc:
+        return str(exc.strerror)
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
-    try:
-        file_st = os.fstat(fd)
-        if not stat.S_ISREG(file_st.st_mode):
-            return "not a regular file"
-        return check_open_image_complete(fd, file_st.st_size)
-    except OSError as exc:
-        return f"unreadable: {exc.strerror}"
-    finally:
-        os.close(fd)
 
 
 def check_open_image_complete(fd: int, size_bytes: int) -> str | None:
     """`check_image_complete` on a regular file the caller already opened (positional reads
     only, so the caller's file position is untouched)."""
-    return _check_by_format(_ImageReader(fd, size_bytes))
+    reason = _check_by_format(_ImageReader(fd, size_bytes))
+    # Plain text, not the enum member: reasons go to logs and the store as they are.
+    return None if reason is None else str(reason)
 
 
 @dataclass(frozen=True)
@@ -148,19 +165,19 @@ def _check_by_format(reader: _ImageReader) -> str | None:
     if kind == "png":
         return _check_png(reader)
     if kind == "gif":
-        return None if reader.tail(1) == _GIF_TRAILER else "GIF has no trailer"
+        return None if reader.tail(1) == _GIF_TRAILER else ImageVerdict.GIF_NO_TRAILER
     if kind == "webp":
         return _check_webp(head, reader)
     if kind == "tiff":
         return _check_tiff(head, reader)
     if kind == "bmp":
         return _check_bmp(head, reader)
-    return f"{NOT_AN_IMAGE}: unknown signature"
+    return ImageVerdict.NOT_AN_IMAGE
 
 
 def _check_jpeg(reader: _ImageReader) -> str | None:
     if reader.size_bytes < len(_JPEG_SOI) + len(_JPEG_EOI):
-        return "JPEG has no end-of-image marker"
+        return ImageVerdict.JPEG_NO_EOI
     window = reader.tail(len(_JPEG_EOI) + JPEG_MAX_ZERO_PADDING_BYTES)
     # rstrip removes at most the whole window; a longer padding leaves fewer than two bytes.
     if window.rstrip(b"\x00").endswith(_JPEG_EOI):
@@ -174,7 +191,7 @@ def _walk_jpeg_to_eoi(reader: _ImageReader) -> str | None:
     while True:
         found = _next_jpeg_marker(reader, offset)
         if found is None:
-            return "JPEG has no end-of-image marker"
+            return ImageVerdict.JPEG_NO_EOI
         marker_offset, code = found
         if code == _JPEG_EOI_CODE:
             return None
@@ -185,13 +202,13 @@ def _walk_jpeg_to_eoi(reader: _ImageReader) -> str | None:
             continue
         length_field = reader.read_at(offset, 2)
         if len(length_field) < 2:
-            return "JPEG has no end-of-image marker"
+            return ImageVerdict.JPEG_NO_EOI
         segment_bytes = int.from_bytes(length_field, "big")  # counts itself, not the marker
         if segment_bytes < 2:
             return f"JPEG marker structure is broken at byte {marker_offset}"
         offset += segment_bytes
         if offset > reader.size_bytes:
-            return "JPEG has no end-of-image marker"
+            return ImageVerdict.JPEG_NO_EOI
         # After SOS the entropy-coded data follows; the next search runs through it. Any other
         # bytes before the next marker are skipped too, as decoders do.
 
@@ -214,16 +231,16 @@ def _next_jpeg_marker(reader: _ImageReader, offset: int) -> tuple[int, int] | No
 
 def _check_png(reader: _ImageReader) -> str | None:
     if reader.size_bytes < len(_PNG_SIGNATURE) + len(_PNG_IEND_CHUNK):
-        return "PNG has no IEND chunk"
+        return ImageVerdict.PNG_NO_IEND
     if reader.tail(len(_PNG_IEND_CHUNK)) != _PNG_IEND_CHUNK:
-        return "PNG has no IEND chunk"
+        return ImageVerdict.PNG_NO_IEND
     return None
 
 
 def _check_webp(head: bytes, reader: _ImageReader) -> str | None:
     riff_payload_bytes = int.from_bytes(head[4:8], "little")
     if reader.size_bytes != riff_payload_bytes + 8:
-        return "WebP size does not match its RIFF header"
+        return ImageVerdict.WEBP_SIZE_MISMATCH
     return None
 
 
@@ -232,9 +249,9 @@ def _check_bmp(head: bytes, reader: _ImageReader) -> str | None:
     pixel_offset = int.from_bytes(head[10:14], "little")
     if declared_size_bytes == 0:
         # Allowed by the format for uncompressed bitmaps; the pixel offset is all there is.
-        return None if reader.size_bytes > pixel_offset else "BMP is shorter than its header says"
+        return None if reader.size_bytes > pixel_offset else ImageVerdict.BMP_SHORT
     if reader.size_bytes < declared_size_bytes:
-        return "BMP is shorter than its header says"
+        return ImageVerdict.BMP_SHORT
     return None
 
 
@@ -275,26 +292,26 @@ def _tiff_layout(head: bytes) -> _TiffLayout | None:
 def _check_tiff(head: bytes, reader: _ImageReader) -> str | None:
     layout = _tiff_layout(head)
     if layout is None or len(head) < layout.header_bytes:
-        return "TIFF header is incomplete"
+        return ImageVerdict.TIFF_HEADER_SHORT
     ifd_offset = layout.unpack(
         layout.offset_format, head, layout.header_bytes - layout.offset_bytes
     )
     count_raw = reader.read_at(ifd_offset, layout.entry_count_bytes)
     if ifd_offset < layout.header_bytes or len(count_raw) < layout.entry_count_bytes:
-        return "TIFF first directory lies outside the file"
+        return ImageVerdict.TIFF_DIRECTORY_OUTSIDE
     entry_count = layout.unpack(layout.entry_count_format, count_raw)
     entries_offset = ifd_offset + layout.entry_count_bytes
     ifd_end = entries_offset + entry_count * layout.entry_bytes + layout.offset_bytes
     if ifd_end > reader.size_bytes:
-        return "TIFF first directory lies outside the file"
+        return ImageVerdict.TIFF_DIRECTORY_OUTSIDE
     if entry_count > _TIFF_MAX_IFD_ENTRIES:
         return None
     entries = reader.read_at(entries_offset, entry_count * layout.entry_bytes)
     data_end = _tiff_pixel_data_end(layout, entries, entry_count, reader)
     if data_end is None:
-        return "TIFF strip or tile table lies outside the file"
+        return ImageVerdict.TIFF_TABLE_OUTSIDE
     if data_end > reader.size_bytes:
-        return "TIFF is shorter than its strips or tiles"
+        return ImageVerdict.TIFF_DATA_SHORT
     return None
 
 

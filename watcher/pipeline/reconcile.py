@@ -1,70 +1,34 @@
-"""From a file on disk to a row in the queue: the reconcile walk and the per-file decision.
+"""From a file on disk to a row in the queue: the reconcile walk, and the settler's files.
 
-Both the live path (a file the settler found finished) and the walk (start-up, timer, after an
-overflow, `scan`) end in `Reconciler.consider`, so there is one definition of "must this be sent".
-The walk is cheap on purpose: one stat per file and one dict lookup against the store's record;
-a file is hashed only when its size or mtime differ from what was recorded.
+Both the live path (a file the settler found finished, with the lstat it was judged on) and the
+walk (start-up, timer, after an overflow, `scan`) end in `Examiner.examine`, so there is one
+definition of "must this be sent". The walk is cheap on purpose: one stat per file and one dict
+lookup against the store's record; a file is hashed only when its size or mtime differ from
+what was recorded.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, assert_never
 
 import structlog
 
-from watcher.errors import PathRuleError
-from watcher.files import (
-    PathFilter,
-    check_open_image_complete,
-    open_regular_file,
-    path_from_text,
-    path_text,
-    sniff_image_type,
-)
-from watcher.rules import RuleSet
-from watcher.store import (
-    Candidate,
-    FileState,
-    KnownFile,
-    StateStore,
-    watch_root,
-)
+from watcher.files import FileKind, kind_of, path_text
+from watcher.pipeline.examine import Examiner, Outcome, Pending, Settling, Waking
+from watcher.pipeline.plans import WatchPlan, relpath_of
+from watcher.pipeline.settle import IncompleteFile, ReadyFile
+from watcher.store import StateStore
 
 log = structlog.get_logger("watcher.reconcile")
 
-_HEAD_BYTES = 64
 # A walk records new and changed files this many at a time: one commit (one fsync) per chunk,
 # and the store's lock is free for the uploader between chunks.
 _RECORD_CHUNK_FILES = 256
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """A file the walk found new or changed, waiting for its chunk to be recorded."""
-
-    candidate: Candidate
-    path: Path
-    st: os.stat_result
-
-
-@dataclass(frozen=True)
-class WatchPlan:
-    """One `[[watch]]`, compiled: what the reconcile and the live intake need of it."""
-
-    key: str  # names the watch in the store, logs and metrics (see store.watch_key)
-    root: Path
-    dataset_id: str
-    recursive: bool
-    path_filter: PathFilter
-    rules: RuleSet
-    polling: bool = False
-    aliases: tuple[str, ...] = ()  # keys this watch had under other configs (store.watch_key)
 
 
 @dataclass
@@ -78,72 +42,66 @@ class ReconcileReport:
     gone: int = 0
     seconds: float = 0.0
     missing_roots: list[str] = field(default_factory=list)
-    last_outcome: str = ""
 
-    def merge_outcomes(self, outcomes: Sequence[str]) -> None:
+    def merge_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         for outcome in outcomes:
             self.add(outcome)
 
-    def add(self, outcome: str) -> None:
-        self.last_outcome = outcome
-        if outcome == "new":
-            self.queued_new += 1
-        elif outcome in ("changed", "deferred"):
-            self.queued_changed += 1
-        elif outcome == "unchanged":
-            self.unchanged += 1
-        elif outcome == "unsettled":
-            self.unsettled += 1
-        else:
-            self.problems += 1
+    def add(self, outcome: Outcome) -> None:
+        match outcome:
+            case Outcome.NEW:
+                self.queued_new += 1
+            case Outcome.CHANGED | Outcome.DEFERRED:
+                self.queued_changed += 1
+            case Outcome.UNCHANGED:
+                self.unchanged += 1
+            case Outcome.UNSETTLED:
+                self.unsettled += 1
+            case (
+                Outcome.COLLISION
+                | Outcome.EXCLUDED
+                | Outcome.GONE
+                | Outcome.FAILED
+                | Outcome.INCOMPLETE
+            ):
+                self.problems += 1
+            case _:
+                assert_never(outcome)
 
 
-def relpath_of(root: Path, path: Path) -> str | None:
-    """`path` relative to `root` with "/" separators, in its text form (see pathtext.py), or
-    None if it is not inside `root`."""
-    try:
-        return path_text(path.relative_to(root).as_posix())
-    except ValueError:
-        return None
+class SettledEvents(Protocol):
+    """What became of the files the settler handed over (metrics for `run`, the tally for
+    `scan`), one call per watch the file belongs to."""
 
+    def settled(self, watch: str, outcome: Outcome) -> None:
+        """A finished file was recorded (or not) with `outcome`."""
 
-def plans_for(plans: Sequence[WatchPlan], path: Path) -> list[tuple[WatchPlan, str]]:
-    """Every watch that sees `path` (one folder may feed several datasets; a watch inside
-    another's folder feeds another dataset), with the path's relpath in each."""
-    found = []
-    for plan in plans:
-        relpath = relpath_of(plan.root, path)
-        if relpath is not None and (plan.recursive or "/" not in relpath):
-            found.append((plan, relpath))
-    return found
-
-
-def file_sha256(path: Path) -> str:
-    with open_regular_file(path) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    def gave_up(self, watch: str, outcome: Outcome) -> None:
+        """A file that never finished was recorded with `outcome`."""
 
 
 class Reconciler:
-    """Decides, per file, whether it goes into the queue; walks watch roots to find files."""
+    """Walks watch roots to find files, and records what the settler hands over; each file is
+    decided by the `Examiner`.
+
+    It is the settler's sink: each finished file is recorded for every watch it belongs to.
+    """
 
     def __init__(
         self,
         store: StateStore,
+        settler: Settling,
         *,
-        verify_image: bool,
-        settle_seconds: float,
         max_file_bytes: int,
-        on_unsettled: Callable[[WatchPlan, Path], None] | None = None,
-        on_queued: Callable[[], None] | None = None,
+        uploader: Waking | None = None,
+        events: SettledEvents | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._verify_image = verify_image
-        self._settle_seconds = settle_seconds
-        self._max_file_bytes = max_file_bytes
-        self._on_unsettled = on_unsettled
-        self._on_queued = on_queued
-        self._clock = clock
+        self._examiner = Examiner(
+            store, settler, max_file_bytes=max_file_bytes, uploader=uploader, clock=clock
+        )
+        self._events = events
 
     # -- the walk --------------------------------------------------------------------------
 
@@ -158,17 +116,18 @@ class Reconciler:
             known = self._store.known_files(plan.key)
             if not known and self._store.adopt_rows(plan.key, plan.aliases, plan.dataset_id):
                 known = self._store.known_files(plan.key)
-            chunk: list[_Pending] = []
+            chunk: list[Pending] = []
             for path, relpath, st in self._walk(plan):
                 report.files_seen += 1
-                result = self._examine_guarded(plan, path, relpath, st, known.pop(relpath, None))
-                if isinstance(result, _Pending):
-                    chunk.append(result)
-                    if len(chunk) >= _RECORD_CHUNK_FILES:
-                        self._record(plan, chunk, report)
-                else:
+                result = self._examiner.examine(plan, path, relpath, st, known.pop(relpath, None))
+                if not isinstance(result, Pending):
                     report.add(result)
-            self._record(plan, chunk, report)
+                    continue
+                chunk.append(result)
+                if len(chunk) >= _RECORD_CHUNK_FILES:
+                    report.merge_outcomes(self._examiner.record(plan, chunk))
+                    chunk = []
+            report.merge_outcomes(self._examiner.record(plan, chunk))
             # What the walk did not pop from `known` is no longer on disk.
             report.gone += self._store.mark_gone_many(plan.key, list(known))
         report.seconds = time.monotonic() - started
@@ -221,280 +180,57 @@ class Reconciler:
                     continue
                 yield Path(entry.path), text, st
 
-    # -- one file --------------------------------------------------------------------------
+    # -- files the settler hands over -------------------------------------------------------
 
-    def consider(self, plan: WatchPlan, path: Path, *, settled: bool) -> str:
-        """A single file (from the settler, or `explain`): record it and say what happened."""
-        relpath = relpath_of(plan.root, path)
-        if relpath is None or not plan.path_filter.accepts(relpath):
-            return "excluded"
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            if self._store.mark_gone(plan.key, relpath):
-                log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
-            return "gone"
-        except OSError as exc:
-            return self._problem(
-                plan, path, relpath, None, FileState.FAILED, f"cannot stat: {exc.strerror}"
-            )
-        known = self._store.known_file(plan.key, relpath)
-        result = self._examine_guarded(plan, path, relpath, st, known, settled)
-        if not isinstance(result, _Pending):
-            return result
-        report = ReconcileReport()
-        self._record(plan, [result], report)
-        return report.last_outcome
+    def on_ready(self, file: ReadyFile) -> None:
+        for plan in file.plans:
+            outcome = self.record_settled(plan, file.path, file.st)
+            if self._events is not None:
+                self._events.settled(plan.key, outcome)
 
-    def record_incomplete(self, plan: WatchPlan, path: Path, reason: str) -> str:
-        """The settler gave up on `path` (never finished within max_wait): record why. A
-        symlink or FIFO is not "still being written" and is recorded as the walk would."""
+    def on_incomplete(self, file: IncompleteFile) -> None:
+        for plan in file.plans:
+            outcome = self.record_incomplete(plan, file.path, file.st, file.reason)
+            if self._events is not None:
+                self._events.gave_up(plan.key, outcome)
+
+    def record_settled(self, plan: WatchPlan, path: Path, st: os.stat_result) -> Outcome:
+        """A file the settler found finished, recorded from the lstat it was judged on; say
+        what happened. Should the bytes no longer match that lstat when they are read, the file
+        changed after the decision and goes back to settling."""
         relpath = relpath_of(plan.root, path)
         if relpath is None:
-            return "excluded"
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return "gone"
-        except OSError as exc:
-            return self._problem(
-                plan, path, relpath, None, FileState.FAILED, f"cannot stat: {exc.strerror}"
-            )
-        if not stat.S_ISREG(st.st_mode):
-            return self.consider(plan, path, settled=True)
-        log.warning("file_incomplete", path=str(path), dataset_id=plan.dataset_id, reason=reason)
-        self._store.record_problem(
-            watch=plan.key,
-            relpath=relpath,
-            dataset_id=plan.dataset_id,
-            size_bytes=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            state=FileState.INCOMPLETE,
-            reason=reason,
-            now=self._clock(),
-        )
-        return FileState.INCOMPLETE
+            return Outcome.EXCLUDED
+        known = self._store.known_file(plan.key, relpath)
+        result = self._examiner.examine(plan, path, relpath, st, known, settled=True)
+        if result is Outcome.GONE:
+            if self._store.mark_gone(plan.key, relpath):
+                log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
+            return result
+        if not isinstance(result, Pending):
+            return result
+        [outcome] = self._examiner.record(plan, [result])
+        return outcome
 
-    def _examine_guarded(
-        self,
-        plan: WatchPlan,
-        path: Path,
-        relpath: str,
-        st: os.stat_result,
-        known: KnownFile | None,
-        settled: bool = False,
-    ) -> str | _Pending:
-        """`_examine` behind a per-file barrier: an unexpected exception (a bug, a name or a
-        file nobody foresaw) is recorded on that file with the reason and the walk goes on."""
-        try:
-            return self._examine(plan, path, relpath, st, known, settled)
-        except Exception as exc:
-            log.exception("file_examine_failed", path=str(path), dataset_id=plan.dataset_id)
+    def record_incomplete(
+        self, plan: WatchPlan, path: Path, st: os.stat_result | None, reason: str
+    ) -> Outcome:
+        """The settler gave up on `path` (never finished within max_wait) at lstat `st`:
+        record why. A symlink or FIFO is not "still being written" and is recorded as the walk
+        would."""
+        relpath = relpath_of(plan.root, path)
+        if relpath is None:
+            return Outcome.EXCLUDED
+        if st is None:
+            # The settler could not lstat it; whatever we find now is what gets recorded.
             try:
-                return self._problem(
-                    plan,
-                    path,
-                    relpath,
-                    st,
-                    FileState.FAILED,
-                    f"internal error: {type(exc).__name__}: {exc}",
-                )
-            except Exception:
-                log.exception("file_problem_unrecorded", path=str(path))
-                return FileState.FAILED
-
-    def _examine(
-        self,
-        plan: WatchPlan,
-        path: Path,
-        relpath: str,
-        st: os.stat_result,
-        known: KnownFile | None,
-        settled: bool,
-    ) -> str | _Pending:
-        """An outcome when the file needs no write (or is a problem), else what to record."""
-        if stat.S_ISLNK(st.st_mode):
-            return self._problem(
-                plan, path, relpath, st, FileState.FAILED, "symbolic link (not followed)"
-            )
-        if not stat.S_ISREG(st.st_mode):
-            return self._problem(plan, path, relpath, st, FileState.FAILED, "not a regular file")
-        unchanged_on_disk = (
-            known is not None
-            and known.state != FileState.GONE
-            and not known.reexamine
-            and known.size_bytes == st.st_size
-            and known.mtime_ns == st.st_mtime_ns
-        )
-        if unchanged_on_disk and known is not None:
-            if known.state in (FileState.FAILED, FileState.INCOMPLETE) and not known.classified:
-                return "unchanged"  # parked before classification; waits for a change or `retry`
-            # Same bytes as recorded: reuse the recorded hash, only the rules may have changed.
-            return self._classify(plan, path, relpath, st, known.content_sha256, known)
-        if not settled and self._clock() - st.st_mtime < self._settle_seconds:
-            if self._on_unsettled is not None:
-                self._on_unsettled(plan, path)
-            return "unsettled"
-        if st.st_size == 0:
-            return self._problem(plan, path, relpath, st, FileState.INCOMPLETE, "zero-byte file")
-        if st.st_size > self._max_file_bytes:
-            return self._problem(
-                plan,
-                path,
-                relpath,
-                st,
-                FileState.FAILED,
-                f"{st.st_size} bytes is over upload.max_file_bytes ({self._max_file_bytes})",
-            )
-        try:
-            inspected = self._inspect(path, check_complete=not settled)
-        except FileNotFoundError:
-            return "gone"
-        except OSError as exc:
-            return self._problem(
-                plan, path, relpath, st, FileState.FAILED, f"unreadable: {exc.strerror}"
-            )
-        if isinstance(inspected, tuple):
-            return self._problem(plan, path, relpath, st, *inspected)
-        return self._classify(plan, path, relpath, st, inspected, known)
-
-    def _inspect(self, path: Path, *, check_complete: bool) -> str | tuple[FileState, str]:
-        """The content's sha256, or (state, reason) when the bytes cannot go as they are.
-
-        One open for everything: the signature, the completeness check (skipped when the
-        settler just verified the file at this size and mtime) and the hash.
-        """
-        with open_regular_file(path) as f:
-            fd = f.fileno()
-            if sniff_image_type(os.pread(fd, _HEAD_BYTES, 0)) is None:
-                return FileState.FAILED, "not an image (unknown file signature)"
-            if self._verify_image and check_complete:
-                reason = check_open_image_complete(fd, os.fstat(fd).st_size)
-                if reason is not None:
-                    return FileState.INCOMPLETE, reason
-            return hashlib.file_digest(f, "sha256").hexdigest()
-
-    def _classify(
-        self,
-        plan: WatchPlan,
-        path: Path,
-        relpath: str,
-        st: os.stat_result,
-        content_sha256: str | None,
-        known: KnownFile | None,
-    ) -> str | _Pending:
-        if content_sha256 is None:
-            try:
-                content_sha256 = file_sha256(path)
+                st = path.lstat()
+            except FileNotFoundError:
+                return Outcome.GONE
             except OSError as exc:
-                return self._problem(
-                    plan, path, relpath, st, FileState.FAILED, f"unreadable: {exc.strerror}"
+                return self._examiner.problem(
+                    plan, path, relpath, None, Outcome.FAILED, f"cannot stat: {exc.strerror}"
                 )
-        digest = content_sha256
-        try:
-            classification = plan.rules.classify(
-                relpath, mtime_ns=st.st_mtime_ns, sha256=lambda: digest
-            )
-        except PathRuleError as exc:
-            return self._problem(plan, path, relpath, st, FileState.FAILED, f"path rules: {exc}")
-        if (
-            known is not None
-            and known.classified
-            and known.state != FileState.GONE
-            and not known.reexamine
-            and known.size_bytes == st.st_size
-            and known.mtime_ns == st.st_mtime_ns
-            and known.metadata_sha256 == classification.metadata_sha256
-            and known.dataset_id == plan.dataset_id
-        ):
-            return "unchanged"  # the fast path: nothing to write
-        candidate = Candidate(
-            watch=plan.key,
-            relpath=relpath,
-            dataset_id=plan.dataset_id,
-            reference_id=classification.reference_id,
-            size_bytes=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            content_sha256=content_sha256,
-            metadata=classification.metadata,
-            metadata_sha256=classification.metadata_sha256,
-            remote_url=classification.remote_url,
-        )
-        return _Pending(candidate, path, st)
-
-    def _record(self, plan: WatchPlan, chunk: list[_Pending], report: ReconcileReport) -> None:
-        """Record a chunk of candidates in one transaction; empties `chunk`."""
-        if not chunk:
-            return
-        outcomes = self._store.record_candidates([p.candidate for p in chunk], now=self._clock())
-        queued = False
-        for pending, outcome in zip(chunk, outcomes, strict=True):
-            candidate = pending.candidate
-            if outcome == "collision":
-                outcome = self._settle_collision(plan, pending)
-            if outcome in ("new", "changed"):
-                queued = True
-                log.debug(
-                    "file_queued",
-                    path=str(pending.path),
-                    reference_id=candidate.reference_id,
-                    dataset_id=candidate.dataset_id,
-                    why=outcome,
-                )
-            report.add(outcome)
-        chunk.clear()
-        if queued and self._on_queued is not None:
-            self._on_queued()
-
-    def _settle_collision(self, plan: WatchPlan, pending: _Pending) -> str:
-        """Another row holds the reference_id. If its file is no longer on disk (a folder moved
-        while we were down, whose old rows the walk has not marked gone yet; a name reused
-        after a delete we missed), the reference_id passes to this file; else this one is
-        parked."""
-        candidate = pending.candidate
-        while True:
-            other = self._store.other_owner_of_reference(
-                candidate.dataset_id, candidate.reference_id, candidate.watch, candidate.relpath
-            )
-            if other is None:
-                return self._store.record_candidate(candidate, now=self._clock())
-            other_path = Path(watch_root(other[0])) / path_from_text(other[1])
-            # Each pass retires one stale owner, so this ends.
-            if os.path.lexists(other_path) or not self._store.mark_gone(*other, now=self._clock()):
-                break
-        return self._problem(
-            plan,
-            pending.path,
-            candidate.relpath,
-            pending.st,
-            FileState.FAILED,
-            f"reference_id {candidate.reference_id!r} is already used by {other_path}",
-        )
-
-    def _problem(
-        self,
-        plan: WatchPlan,
-        path: Path,
-        relpath: str,
-        st: os.stat_result | None,
-        state: FileState,
-        reason: str,
-    ) -> str:
-        log.warning(
-            "file_not_sendable",
-            path=str(path),
-            dataset_id=plan.dataset_id,
-            state=state,
-            reason=reason,
-        )
-        self._store.record_problem(
-            watch=plan.key,
-            relpath=relpath,
-            dataset_id=plan.dataset_id,
-            size_bytes=st.st_size if st is not None else None,
-            mtime_ns=st.st_mtime_ns if st is not None else None,
-            state=state,
-            reason=reason,
-            now=self._clock(),
-        )
-        return state
+        if kind_of(st) is not FileKind.REGULAR:
+            return self.record_settled(plan, path, st)
+        return self._examiner.incomplete(plan, path, relpath, st, reason)

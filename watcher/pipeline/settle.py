@@ -15,6 +15,10 @@ When a candidate is ready:
 With `verify_image`, "held still" is not enough either: a stable file whose JPEG has no EOI yet
 keeps waiting. After `max_wait_seconds` a candidate that never became ready is reported once
 through `on_incomplete`, then parked until its size or mtime changes.
+
+A report carries the watches the path was submitted for and the lstat the verdict rests on, so
+the reconciler records from that lstat. The settler is also the judge a walk asks about a file
+it sees once (`at_rest`, `image_problem`): "is it finished?" is answered here only.
 """
 
 from __future__ import annotations
@@ -22,17 +26,25 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Protocol
 
 import structlog
 
-from watcher.files import NOT_AN_IMAGE, check_image_complete
+from watcher.files import ImageVerdict, check_open_image_complete
+from watcher.pipeline.plans import WatchPlan
+from watcher.pipeline.settle_look import (
+    UNREADABLE,
+    Look,
+    Observation,
+    Verified,
+    look_at,
+    observation_of,
+)
 
 log = structlog.get_logger("watcher.settle")
 
@@ -44,17 +56,31 @@ log = structlog.get_logger("watcher.settle")
 CLOSE_GRACE_SECONDS = 0.1
 
 
-class _Observation(NamedTuple):
-    size_bytes: int
-    mtime_ns: int
+@dataclass(frozen=True)
+class ReadyFile:
+    """A file found completely written, for the watches it was submitted for."""
+
+    path: Path
+    plans: tuple[WatchPlan, ...]
+    st: os.stat_result  # the lstat it was judged on: record this, not a later look
 
 
-def _observation_of(st: os.stat_result) -> _Observation:
-    return _Observation(st.st_size, st.st_mtime_ns)
+@dataclass(frozen=True)
+class IncompleteFile:
+    """A file that never became ready within max_wait (or is no regular file), and why."""
+
+    path: Path
+    plans: tuple[WatchPlan, ...]
+    reason: str
+    st: os.stat_result | None  # the lstat it was given up on; None when none could be taken
 
 
-# Stands in for the observation of a file that could not be stat'ed, so that parking works for it.
-_UNREADABLE = _Observation(-1, -1)
+class SettleSink(Protocol):
+    """Where the settler reports; called on its thread, outside its lock."""
+
+    def on_ready(self, file: ReadyFile) -> None: ...
+
+    def on_incomplete(self, file: IncompleteFile) -> None: ...
 
 
 @dataclass
@@ -63,13 +89,14 @@ class _Candidate:
 
     path: Path
     pending_since: float  # start of the max_wait window
+    plans: tuple[WatchPlan, ...] = ()  # every watch it was submitted for
     submits: int = 0  # bumped by every submit; a look that raced with a submit is not trusted
     heap_token: int = -1  # matches the live heap entry; older entries are stale
     closed_hint: bool = False  # a close-after-write came and no later write event yet
-    observation: _Observation | None = None
+    observation: Observation | None = None
     observed_since: float = 0.0  # when `observation` was first seen
-    verified: tuple[_Observation, str | None] | None = None  # last image check and its verdict
-    reported: _Observation | None = None  # parked: on_incomplete already told about this state
+    verified: Verified | None = None  # last image check and its verdict
+    reported: Observation | None = None  # parked: on_incomplete already told about this state
 
     @property
     def parked(self) -> bool:
@@ -77,28 +104,17 @@ class _Candidate:
 
 
 @dataclass(frozen=True)
-class _Look:
-    """What one look at a file found (taken without the lock)."""
-
-    vanished: bool = False
-    st: os.stat_result | None = None
-    not_regular_reason: str | None = None
-    unreadable_reason: str | None = None
-    verified: tuple[_Observation, str | None] | None = None
-
-
-@dataclass(frozen=True)
 class _Verdict:
     ready_stat: os.stat_result | None = None
     incomplete_reason: str | None = None
+    incomplete_stat: os.stat_result | None = None
 
 
 class Settler:
-    """Reports each submitted path once it is completely written.
+    """Reports each submitted path to the sink given to `start` once it is completely written.
 
-    `on_ready(path, stat_result)` and `on_incomplete(path, reason)` run on the settler's thread,
-    never under its lock, so they may call `submit` or `forget`. Keep them quick: the next
-    deadline waits for them.
+    The sink's methods run on the settler's thread, never under its lock, so they may call
+    `submit` or `forget`. Keep them quick: the next deadline waits for them.
     """
 
     def __init__(
@@ -107,8 +123,6 @@ class Settler:
         settle_seconds: float,
         max_wait_seconds: float,
         verify_image: bool,
-        on_ready: Callable[[Path, os.stat_result], None],
-        on_incomplete: Callable[[Path, str], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if settle_seconds <= 0:
@@ -121,10 +135,11 @@ class Settler:
         self._settle_seconds = settle_seconds
         self._max_wait_seconds = max_wait_seconds
         self._verify_image = verify_image
-        self._on_ready = on_ready
-        self._on_incomplete = on_incomplete
         self._clock = clock
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the settler thread waits on it for deadlines
+        self._quiet = threading.Condition(lock)  # `wait_until_settled` waits on it
+        self._looking = False  # the thread holds a candidate (looking at it or reporting it)
         self._candidates: dict[Path, _Candidate] = {}
         self._heap: list[tuple[float, int, Path]] = []
         self._tokens = itertools.count()
@@ -133,11 +148,14 @@ class Settler:
 
     # -- called from any thread ------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, sink: SettleSink) -> None:
+        """Start the thread that reports finished (or abandoned) files to `sink`."""
         with self._cond:
             if self._thread is not None:
                 raise RuntimeError("Settler already started")
-            self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(sink,), name="settler", daemon=True
+            )
         self._thread.start()
 
     def stop(self) -> None:
@@ -150,8 +168,9 @@ class Settler:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def submit(self, path: Path, *, closed: bool = False) -> None:
-        """Something happened to `path`; `closed` when it was a close-after-write.
+    def submit(self, path: Path, plans: Sequence[WatchPlan] = (), *, closed: bool = False) -> None:
+        """Something happened to `path`, a file of `plans`; `closed` when it was a
+        close-after-write. The plans add to those it was submitted for before.
 
         Never touches the disk, so it is safe to call from a watchdog handler.
         """
@@ -168,51 +187,95 @@ class Settler:
             else:
                 # Still being written: no point looking before it could have settled.
                 deadline = now + self._settle_seconds
+            candidate.plans = _by_key(candidate.plans, plans)
             candidate.submits += 1
             candidate.closed_hint = closed
             self._schedule(candidate, deadline)
+
+    def reroute(self, route: Callable[[Path], Sequence[WatchPlan]]) -> None:
+        """The watches changed (a reload): each pending path now goes to `route(path)`, and a
+        path no watch takes any more is dropped."""
+        with self._cond:
+            for path, candidate in list(self._candidates.items()):
+                plans = tuple(route(path))
+                if plans:
+                    candidate.plans = plans
+                else:
+                    del self._candidates[path]
 
     def forget(self, path: Path) -> None:
         """The file is gone (or moved away): stop tracking it."""
         with self._cond:
             self._candidates.pop(path, None)
             # Its heap entries go stale: the token no longer matches any candidate.
+            self._quiet.notify_all()
+
+    def at_rest(self, st: os.stat_result, wall_now: float) -> bool:
+        """For a file a walk sees once, with no history to go by: finished when its mtime
+        is at least `settle_seconds` old. A file that is not goes through `submit`."""
+        return wall_now - st.st_mtime >= self._settle_seconds
+
+    def image_problem(self, fd: int, size_bytes: int) -> str | None:
+        """With `verify_image`, why the image open at `fd` is not whole yet; else None."""
+        if not self._verify_image:
+            return None
+        return check_open_image_complete(fd, size_bytes)
+
+    def wait_until_settled(self, timeout_seconds: float) -> list[Path]:
+        """Wait until every submitted file was reported (ready or incomplete) or vanished, or
+        `timeout_seconds` passed; the paths still settling then."""
+        with self._cond:
+            self._quiet.wait_for(self._all_settled, timeout_seconds)
+            return self._unsettled_paths()
 
     def is_alive(self) -> bool:
         """True while the settler thread runs (for the daemon's health check)."""
         thread = self._thread
         return thread is not None and thread.is_alive()
 
-    def pending_count(self) -> int:
-        """Candidates still waiting to settle (parked incomplete ones are not counted)."""
-        with self._cond:
-            return sum(1 for candidate in self._candidates.values() if not candidate.parked)
-
     def pending_paths(self) -> list[Path]:
-        """The paths `pending_count` counts."""
+        """The paths still waiting to settle (parked incomplete ones are not waiting)."""
         with self._cond:
-            return [c.path for c in self._candidates.values() if not c.parked]
+            return self._unsettled_paths()
 
     # -- the settler thread ----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, sink: SettleSink) -> None:
         while True:
             with self._cond:
                 candidate = self._wait_for_due()
                 if candidate is None:
                     return
+                self._looking = True
                 submits = candidate.submits
                 snapshot = (candidate.closed_hint, candidate.observation, candidate.verified)
             try:
-                look = self._look(candidate.path, *snapshot)
+                look = look_at(
+                    candidate.path,
+                    verify_image=self._verify_image,
+                    closed_hint=snapshot[0],
+                    previous=snapshot[1],
+                    verified=snapshot[2],
+                )
             except Exception as exc:
                 # One file's surprise must not end the settling of every other file: it is
                 # treated as unreadable, retried, and reported with the reason after max_wait.
                 log.exception("settle_look_failed", path=str(candidate.path))
-                look = _Look(unreadable_reason=f"internal error: {type(exc).__name__}: {exc}")
+                look = Look(unreadable_reason=f"internal error: {type(exc).__name__}: {exc}")
             with self._cond:
                 verdict = self._decide(candidate, submits, look)
-            self._report(candidate.path, verdict)
+                plans = candidate.plans
+            _report(sink, candidate.path, plans, verdict)
+            with self._cond:
+                # Only now, with the sink done, may `wait_until_settled` see the file as settled.
+                self._looking = False
+                self._quiet.notify_all()
+
+    def _all_settled(self) -> bool:
+        return not self._looking and not any(not c.parked for c in self._candidates.values())
+
+    def _unsettled_paths(self) -> list[Path]:
+        return [c.path for c in self._candidates.values() if not c.parked]
 
     def _wait_for_due(self) -> _Candidate | None:
         """Under the lock: sleep until a candidate is due; None when stopping."""
@@ -233,44 +296,7 @@ class Settler:
             self._cond.wait(timeout)
         return None
 
-    def _look(
-        self,
-        path: Path,
-        closed_hint: bool,
-        previous: _Observation | None,
-        verified: tuple[_Observation, str | None] | None,
-    ) -> _Look:
-        """Without the lock: lstat, and the image check when its verdict could matter."""
-        try:
-            # lstat: a symlink is not followed, so nothing outside the watch root is read.
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return _Look(vanished=True)
-        except OSError as exc:
-            return _Look(unreadable_reason=f"unreadable: {exc.strerror}")
-        if stat.S_ISLNK(st.st_mode):
-            return _Look(st=st, not_regular_reason="symbolic link (not followed)")
-        if not stat.S_ISREG(st.st_mode):
-            # Never opened: reading a FIFO would block or steal a writer's data.
-            return _Look(st=st, not_regular_reason="not a regular file")
-        observation = _observation_of(st)
-        worth_checking = closed_hint or observation == previous
-        already_checked = verified is not None and verified[0] == observation
-        if not self._verify_image or not worth_checking or already_checked:
-            return _Look(st=st)
-        reason = check_image_complete(path)
-        try:
-            st_after = os.lstat(path)
-        except FileNotFoundError:
-            return _Look(vanished=True)
-        except OSError as exc:
-            return _Look(unreadable_reason=f"unreadable: {exc.strerror}")
-        if _observation_of(st_after) != observation:
-            # Written to while we read head and tail: the verdict belongs to no real state.
-            return _Look(st=st_after)
-        return _Look(st=st, verified=(observation, reason))
-
-    def _decide(self, candidate: _Candidate, submits: int, look: _Look) -> _Verdict:
+    def _decide(self, candidate: _Candidate, submits: int, look: Look) -> _Verdict:
         """Under the lock: fold a look into the candidate; say what to report, if anything."""
         path = candidate.path
         if self._candidates.get(path) is not candidate or candidate.submits != submits:
@@ -284,7 +310,7 @@ class Settler:
         if look.verified is not None:
             candidate.verified = look.verified
         st = look.st
-        observation = _UNREADABLE if st is None else _observation_of(st)
+        observation = UNREADABLE if st is None else observation_of(st)
         if candidate.reported is not None:
             if observation == candidate.reported:
                 return _Verdict()  # still the state we reported; stay parked
@@ -293,10 +319,10 @@ class Settler:
             candidate.pending_since = now
         if st is None:
             # Unreadable (permissions, I/O error): keep trying until max_wait says otherwise.
-            return self._not_ready(candidate, now, observation, look.unreadable_reason or "")
+            return self._not_ready(candidate, now, None, look.unreadable_reason or "")
         if look.not_regular_reason is not None:
             candidate.reported = observation
-            return _Verdict(incomplete_reason=look.not_regular_reason)
+            return _Verdict(incomplete_reason=look.not_regular_reason, incomplete_stat=st)
         if observation != candidate.observation:
             candidate.observation = observation
             candidate.observed_since = now
@@ -305,11 +331,7 @@ class Settler:
         if image_reason is None and self._settled(candidate, stable_seconds):
             del self._candidates[path]
             return _Verdict(ready_stat=st)
-        if (
-            image_reason is not None
-            and image_reason.startswith(NOT_AN_IMAGE)
-            and stable_seconds >= self._settle_seconds
-        ):
+        if image_reason == ImageVerdict.NOT_AN_IMAGE and stable_seconds >= self._settle_seconds:
             # No amount of waiting turns this into an image: hand it on now, and let the
             # classifier park it with the same reason a folder walk would give.
             del self._candidates[path]
@@ -318,9 +340,9 @@ class Settler:
             reason = image_reason
         else:
             reason = f"still changing after {self._max_wait_seconds:g} s"
-        return self._not_ready(candidate, now, observation, reason)
+        return self._not_ready(candidate, now, st, reason)
 
-    def _image_reason(self, candidate: _Candidate, observation: _Observation) -> str | None:
+    def _image_reason(self, candidate: _Candidate, observation: Observation) -> str | None:
         """Why the image is not complete (None when it is, or when not checking images)."""
         if not self._verify_image:
             return None
@@ -341,19 +363,20 @@ class Settler:
         self,
         candidate: _Candidate,
         now: float,
-        observation: _Observation,
+        st: os.stat_result | None,
         reason: str,
     ) -> _Verdict:
+        observation = UNREADABLE if st is None else observation_of(st)
         give_up_at = candidate.pending_since + self._max_wait_seconds
         if now >= give_up_at:
             # Parked on this state: a new look at the same size and mtime stays quiet.
             candidate.reported = observation
-            return _Verdict(incomplete_reason=reason)
+            return _Verdict(incomplete_reason=reason, incomplete_stat=st)
         wait_seconds = self._settle_seconds
         if candidate.closed_hint and not self._verify_image:
             wait_seconds = CLOSE_GRACE_SECONDS
         next_look = now + wait_seconds
-        if observation != _UNREADABLE and candidate.observed_since + wait_seconds > now:
+        if observation != UNREADABLE and candidate.observed_since + wait_seconds > now:
             next_look = candidate.observed_since + wait_seconds
         self._schedule(candidate, min(next_look, give_up_at))
         return _Verdict()
@@ -368,14 +391,26 @@ class Settler:
         heapq.heappush(self._heap, (deadline, token, candidate.path))
         self._cond.notify()
 
-    def _report(self, path: Path, verdict: _Verdict) -> None:
-        try:
-            if verdict.ready_stat is not None:
-                log.debug("settle_ready", path=str(path), size_bytes=verdict.ready_stat.st_size)
-                self._on_ready(path, verdict.ready_stat)
-            elif verdict.incomplete_reason is not None:
-                log.info("settle_incomplete", path=str(path), reason=verdict.incomplete_reason)
-                self._on_incomplete(path, verdict.incomplete_reason)
-        except Exception:
-            # A failing consumer must not stop the settling of every other file.
-            log.exception("settle_callback_failed", path=str(path))
+
+def _report(sink: SettleSink, path: Path, plans: tuple[WatchPlan, ...], verdict: _Verdict) -> None:
+    try:
+        if verdict.ready_stat is not None:
+            log.debug("settle_ready", path=str(path), size_bytes=verdict.ready_stat.st_size)
+            sink.on_ready(ReadyFile(path, plans, verdict.ready_stat))
+        elif verdict.incomplete_reason is not None:
+            log.info("settle_incomplete", path=str(path), reason=verdict.incomplete_reason)
+            sink.on_incomplete(
+                IncompleteFile(path, plans, verdict.incomplete_reason, verdict.incomplete_stat)
+            )
+    except Exception:
+        # A failing consumer must not stop the settling of every other file.
+        log.exception("settle_callback_failed", path=str(path))
+
+
+def _by_key(plans: tuple[WatchPlan, ...], more: Sequence[WatchPlan]) -> tuple[WatchPlan, ...]:
+    """`plans` and `more`, one per watch; for a watch in both, the one from `more` (newer)."""
+    if not more:
+        return plans
+    merged = {plan.key: plan for plan in plans}
+    merged.update((plan.key, plan) for plan in more)
+    return tuple(merged.values())

@@ -1,17 +1,17 @@
-"""`nucleus-watcher run`: the always-on service. The only place that wires the live pipeline.
+"""`nucleus-watcher run`: the always-on service around the live pipeline.
 
-    intake (watchdog) --candidate--> settler --ready--> reconciler.consider --> store --> uploader
-    reconcile walk (start, every scan.interval_seconds, after overflow/restart) ----^
+    intake (watchdog) --candidate--> settler --ready--> reconciler --> store --> uploader
+    reconcile walk (start, every scan.interval_seconds, after overflow/restart) --^
 
-The main thread owns the control loop: signals, reconcile walks, observer supervision, and the
-systemd watchdog. Stages talk through callbacks and the store, never by importing each other.
+`pipeline.wiring.build_live` builds and connects every part before the loop runs. The main
+thread owns the control loop: signals (TERM/INT stop, HUP reload), reconcile walks, observer
+supervision, and the systemd watchdog.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import os
 import signal
 import threading
 import time
@@ -22,24 +22,12 @@ import structlog
 
 from watcher.config import Settings, load_settings, resolve_api_key
 from watcher.errors import ConfigError
-from watcher.nucleus import NucleusClient
-from watcher.pipeline import (
-    AfterUpload,
-    FanOutEvents,
-    FreeSpaceGuard,
-    Intake,
-    Reconciler,
-    Settler,
-    Uploader,
-    WatchPlan,
-    WatchSpec,
-    plans_for,
-)
+from watcher.pipeline import FreeSpaceGuard, Outcome
 from watcher.pipeline import wiring as pipeline
 from watcher.service.logs import add_secret
 from watcher.service.metrics import Metrics, UploadMetrics
 from watcher.service.sdnotify import SystemdNotifier
-from watcher.store import FileState, StateStore, retry_request_path
+from watcher.store import FileState, retry_request_path
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -62,123 +50,102 @@ def _return_freed_memory() -> None:
         pass
 
 
-class Daemon:
-    def __init__(self, config_path: Path, settings: Settings, api_key: str) -> None:
-        self._config_path = config_path
-        self._settings = settings
-        self._api_key = api_key
-        self._wakeup = threading.Event()
-        self._stop_requested = False
-        self._reload_requested = False
-        self._rescan_lock = threading.Lock()
+class _Wakeups:
+    """What wakes the control loop, from any thread: signals and requests for a rescan.
+
+    Rescan requests come in bursts (a tree of new folders); they are coalesced per watch.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
         self._rescan_keys: set[str | None] = set()
-        self._notifier = SystemdNotifier()
-        self._metrics = Metrics()
-        self._loop_tick = time.monotonic()
-        self._restarts_seen: dict[str, int] = {}
-        self._plans: list[WatchPlan] = pipeline.watch_plans(settings)
-        self._store: StateStore | None = None
-        self._uploader: Uploader | None = None
-        self._reconciler: Reconciler | None = None
-        self._settler: Settler | None = None
-        self._intake: Intake | None = None
-        self._key_file_mtime_ns = self._key_file_mtime()
+        self.stop_requested = False
+        self.reload_requested = False
 
-    # -- callbacks from other threads: hand on, never block ---------------------------------
-
-    def _on_candidate(self, key: str, path: Path, closed: bool) -> None:
-        assert self._settler is not None
-        self._metrics.files_seen_total.labels(watch=key).inc()
-        self._settler.submit(path, closed=closed)
-
-    def _on_deleted(self, key: str, path: Path) -> None:
-        assert self._settler is not None and self._store is not None
-        self._settler.forget(path)
-        for plan, relpath in self._plans_for(path):
-            if self._store.mark_gone(plan.key, relpath):
-                log.info("file_gone", path=str(path), dataset_id=plan.dataset_id)
-
-    def _on_rescan_needed(self, key: str | None, reason: str) -> None:
-        log.info("rescan_requested", watch=key, reason=reason)
-        with self._rescan_lock:
-            self._rescan_keys.add(key)
-        self._wakeup.set()
-
-    def _on_settled(self, path: Path, _stat: os.stat_result) -> None:
-        assert self._reconciler is not None
-        for plan, _relpath in self._plans_for(path):
-            self._metrics.files_settled_total.labels(watch=plan.key).inc()
-            self._reconciler.consider(plan, path, settled=True)
-
-    def _on_incomplete(self, path: Path, reason: str) -> None:
-        assert self._reconciler is not None
-        for plan, _relpath in self._plans_for(path):
-            if self._reconciler.record_incomplete(plan, path, reason) == FileState.INCOMPLETE:
-                self._metrics.incomplete_files_total.labels(watch=plan.key).inc()
-
-    def _on_unsettled(self, plan: WatchPlan, path: Path) -> None:
-        assert self._settler is not None
-        self._settler.submit(path)
-
-    def _on_queued(self) -> None:
-        if self._uploader is not None:
-            self._uploader.wake()
-
-    def _plans_for(self, path: Path) -> list[tuple[WatchPlan, str]]:
-        return plans_for(self._plans, path)
-
-    # -- signals ---------------------------------------------------------------------------
-
-    def _handle_stop(self, signum: int, _frame: FrameType | None) -> None:
-        self._stop_requested = True
-        self._wakeup.set()
-
-    def _handle_reload(self, signum: int, _frame: FrameType | None) -> None:
-        self._reload_requested = True
-        self._wakeup.set()
-
-    # -- the control loop ------------------------------------------------------------------
-
-    def run(self) -> int:
-        settings = self._settings
+    def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._handle_stop)
         signal.signal(signal.SIGINT, self._handle_stop)
         signal.signal(signal.SIGHUP, self._handle_reload)
 
-        self._store = pipeline.open_store(settings)
-        released = self._store.release_in_flight()
+    def _handle_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop_requested = True
+        self._event.set()
+
+    def _handle_reload(self, signum: int, _frame: FrameType | None) -> None:
+        self.reload_requested = True
+        self._event.set()
+
+    def request_rescan(self, key: str | None, reason: str) -> None:
+        """Walk `key` (every watch when None) at the loop's next turn."""
+        log.info("rescan_requested", watch=key, reason=reason)
+        with self._lock:
+            self._rescan_keys.add(key)
+        self._event.set()
+
+    def take_rescans(self) -> set[str | None]:
+        with self._lock:
+            keys, self._rescan_keys = self._rescan_keys, set()
+        return keys
+
+    def wait(self, timeout_seconds: float) -> None:
+        self._event.wait(timeout_seconds)
+        self._event.clear()
+
+
+class _FileMetrics:
+    """Counts files on their way in (the live pipeline's `LiveEvents`)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def seen(self, watch: str) -> None:
+        self._metrics.files_seen_total.labels(watch=watch).inc()
+
+    def settled(self, watch: str, outcome: Outcome) -> None:
+        self._metrics.files_settled_total.labels(watch=watch).inc()
+
+    def gave_up(self, watch: str, outcome: Outcome) -> None:
+        if outcome is Outcome.INCOMPLETE:  # a symlink or FIFO is recorded failed, not incomplete
+            self._metrics.incomplete_files_total.labels(watch=watch).inc()
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: Path,
+        settings: Settings,
+        api_key: str,
+        live: pipeline.LivePipeline,
+        metrics: Metrics,
+        wakeups: _Wakeups,
+    ) -> None:
+        self._config_path = config_path
+        self._settings = settings
+        self._api_key = api_key
+        self._live = live
+        self._metrics = metrics
+        self._wakeups = wakeups
+        self._notifier = SystemdNotifier()
+        self._loop_tick = time.monotonic()
+        self._restarts_seen: dict[str, int] = {}
+        self._key_file_mtime_ns = self._key_file_mtime()
+
+    # -- the control loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        live = self._live
+        released = live.store.release_in_flight()
         if released:
             log.info("resending_interrupted", items=released)
-        client = pipeline.nucleus_client(settings, self._api_key)
-        archive_dir = Path(settings.upload.archive_dir) if settings.upload.archive_dir else None
-        events = FanOutEvents(
-            [
-                UploadMetrics(self._metrics),
-                AfterUpload(settings.upload.after_upload, archive_dir, self._store),
-            ]
-        )
-        self._uploader = pipeline.uploader(settings, self._store, client, events)
-        self._reconciler = pipeline.reconciler(
-            settings, self._store, on_unsettled=self._on_unsettled, on_queued=self._on_queued
-        )
-        self._settler = pipeline.settler(
-            settings, on_ready=self._on_settled, on_incomplete=self._on_incomplete
-        )
-        self._intake = Intake(
-            on_candidate=self._on_candidate,
-            on_deleted=self._on_deleted,
-            on_rescan_needed=self._on_rescan_needed,
-        )
         heartbeat = threading.Thread(target=self._heartbeat, name="sd-watchdog", daemon=True)
         try:
             self._start_metrics()
-            self._uploader.start()
-            self._settler.start()
-            self._intake.start(self._watch_specs())
+            live.start()
             log.info(
                 "daemon_started",
-                watches=[plan.key for plan in self._plans],
-                state=str(settings.state.path),
+                watches=[plan.key for plan in live.routes.plans],
+                state=str(self._settings.state.path),
             )
             # Files added while we were down: the first walk runs before READY so that a
             # `systemctl start` returns once everything on disk is known.
@@ -187,14 +154,13 @@ class Daemon:
             heartbeat.start()
             self._loop()
         finally:
-            self._shutdown(client)
+            self._shutdown()
             if heartbeat.is_alive():
                 heartbeat.join(5)
         return 0
 
     def _start_metrics(self) -> None:
-        assert self._store is not None
-        store = self._store
+        store = self._live.store
 
         def oldest_pending_age() -> float | None:
             first_seen = store.oldest_pending_first_seen()
@@ -211,30 +177,29 @@ class Daemon:
 
     def _loop(self) -> None:
         settings = self._settings
+        wakeups = self._wakeups
         next_scan = time.monotonic() + settings.scan.interval_seconds
         next_supervise = time.monotonic() + _SUPERVISE_EVERY_SECONDS
         next_disk_check = time.monotonic()
         disk_guard = FreeSpaceGuard(
-            self._store_or_fail(),
-            [(plan.key, plan.root) for plan in self._plans],
+            self._live.store,
+            [(plan.key, plan.root) for plan in self._live.routes.plans],
             settings.disk.min_free_bytes,
             settings.disk.delete_uploaded_when_low,
         )
-        while not self._stop_requested:
+        while not wakeups.stop_requested:
             self._loop_tick = time.monotonic()
-            self._wakeup.wait(_TICK_SECONDS)
-            self._wakeup.clear()
-            if self._stop_requested:
+            wakeups.wait(_TICK_SECONDS)
+            if wakeups.stop_requested:
                 break
-            if self._reload_requested:
-                self._reload_requested = False
+            if wakeups.reload_requested:
+                wakeups.reload_requested = False
                 self._reload()
             now = time.monotonic()
             if now >= next_scan:
                 next_scan = now + self._settings.scan.interval_seconds
-                self._on_rescan_needed(None, "periodic")
-            with self._rescan_lock:
-                keys, self._rescan_keys = self._rescan_keys, set()
+                wakeups.request_rescan(None, "periodic")
+            keys = wakeups.take_rescans()
             if keys:
                 self._reconcile(None if None in keys else keys)
             if now >= next_supervise:
@@ -245,14 +210,10 @@ class Daemon:
                 disk_guard.check()
             self._notifier.status(self._status_line())
 
-    def _store_or_fail(self) -> StateStore:
-        assert self._store is not None
-        return self._store
-
     def _supervise(self) -> None:
-        assert self._intake is not None
-        self._intake.supervise()
-        for key, count in self._intake.restarts().items():
+        intake = self._live.intake
+        intake.supervise()
+        for key, count in intake.restarts().items():
             new = count - self._restarts_seen.get(key, 0)
             if new > 0:
                 self._metrics.watcher_restarts_total.labels(watch=key).inc(new)
@@ -272,9 +233,9 @@ class Daemon:
             log.error("retry_request_unreadable", path=str(request), error=str(exc))
             request.unlink(missing_ok=True)
             return
-        count = self._store_or_fail().requeue_failed(paths)
+        count = self._live.store.requeue_failed(paths)
         log.info("retry_requested", items=count)
-        self._on_rescan_needed(None, "retry requested")
+        self._wakeups.request_rescan(None, "retry requested")
 
     def _heartbeat(self) -> None:
         """WATCHDOG=1 from its own thread, so a long reconcile walk is not mistaken for a hang;
@@ -282,33 +243,21 @@ class Daemon:
         interval = self._notifier.watchdog_interval_seconds
         if interval is None:
             return
-        while not self._stop_requested:
+        while not self._wakeups.stop_requested:
             if self._healthy():
                 self._notifier.watchdog()
-            elif not self._stop_requested:
+            elif not self._wakeups.stop_requested:
                 log.error("pipeline_unhealthy", hint="systemd will restart the service")
             time.sleep(interval)
 
     def _reconcile(self, keys: set[str | None] | None) -> None:
-        assert self._reconciler is not None
-        plans = self._plans if keys is None else [p for p in self._plans if p.key in keys]
-        report = self._reconciler.reconcile(plans)
+        plans = self._live.routes.plans
+        if keys is not None:
+            plans = tuple(p for p in plans if p.key in keys)
+        report = self._live.reconciler.reconcile(plans)
         self._metrics.scan_seconds.observe(report.seconds)
-        assert self._uploader is not None
-        self._uploader.wake()
+        self._live.uploader.wake()
         _return_freed_memory()
-
-    def _watch_specs(self) -> list[WatchSpec]:
-        return [
-            WatchSpec(
-                key=plan.key,
-                root=plan.root,
-                recursive=plan.recursive,
-                path_filter=plan.path_filter,
-                polling=plan.polling,
-            )
-            for plan in self._plans
-        ]
 
     def _reload(self) -> None:
         self._notifier.reloading()
@@ -325,13 +274,12 @@ class Daemon:
         self._settings = settings.model_copy(
             update={"upload": self._settings.upload, "nucleus": self._settings.nucleus}
         )
-        self._plans = plans
-        assert self._intake is not None and self._uploader is not None
-        self._intake.reconfigure(self._watch_specs())
+        self._live.routes.replan(plans)
+        self._live.intake.reconfigure(pipeline.watch_specs(plans))
         self._reload_api_key()
-        self._uploader.resume()
+        self._live.uploader.resume()
         log.info("config_reloaded", watches=[plan.key for plan in plans])
-        self._on_rescan_needed(None, "config reloaded")
+        self._wakeups.request_rescan(None, "config reloaded")
         self._notifier.ready(self._status_line())
 
     def _key_file_mtime(self) -> int | None:
@@ -345,15 +293,14 @@ class Daemon:
 
     def _check_key_file(self) -> None:
         """After a 401 every upload waits; a new key file lets them go again without a restart."""
-        assert self._uploader is not None
         mtime_ns = self._key_file_mtime()
         if mtime_ns == self._key_file_mtime_ns:
             return
         self._key_file_mtime_ns = mtime_ns
-        if self._uploader.paused_reason is not None:
+        if self._live.uploader.paused_reason is not None:
             log.info("api_key_file_changed")
             self._reload_api_key()
-            self._uploader.resume()
+            self._live.uploader.resume()
 
     def _reload_api_key(self) -> None:
         try:
@@ -364,42 +311,42 @@ class Daemon:
         if api_key != self._api_key:
             add_secret(api_key)
             self._api_key = api_key
-            assert self._uploader is not None
-            self._uploader.replace_client(pipeline.nucleus_client(self._settings, api_key))
+            self._live.uploader.replace_client(pipeline.nucleus_client(self._settings, api_key))
 
     def _healthy(self) -> bool:
         """systemd restarts us when this stays False past WatchdogSec: only say so when a
         restart would help (a stage's thread died), not when the network is down."""
-        assert self._settler is not None and self._uploader is not None
         loop_alive = time.monotonic() - self._loop_tick < _LOOP_STUCK_SECONDS
-        return loop_alive and self._settler.is_alive() and self._uploader.is_alive()
+        return loop_alive and self._live.settler.is_alive() and self._live.uploader.is_alive()
 
     def _status_line(self) -> str:
-        if self._store is None:
-            return "starting"
-        counts = self._store.state_counts()
-        paused = self._uploader.paused_reason if self._uploader else None
+        counts = self._live.store.state_counts()
+        paused = self._live.uploader.paused_reason
         text = (
             f"{counts[FileState.PENDING]} pending, {counts[FileState.IN_FLIGHT]} in flight,"
             f" {counts[FileState.UPLOADED]} uploaded, {counts[FileState.FAILED]} failed"
         )
         return f"{text}; PAUSED: {paused}" if paused else text
 
-    def _shutdown(self, client: NucleusClient) -> None:
+    def _shutdown(self) -> None:
         self._notifier.stopping()
         log.info("daemon_stopping")
-        if self._intake is not None:
-            self._intake.stop()
-        if self._settler is not None:
-            self._settler.stop()
-        if self._uploader is not None:
-            self._uploader.stop(self._settings.upload.stop_timeout_seconds)
+        self._live.stop(self._settings.upload.stop_timeout_seconds)
         self._metrics.stop()
-        client.close()
-        if self._store is not None:
-            self._store.close()
+        self._live.close()
         log.info("daemon_stopped")
 
 
 def run_daemon(config_path: Path, settings: Settings, api_key: str) -> int:
-    return Daemon(config_path, settings, api_key).run()
+    wakeups = _Wakeups()
+    # Before anything is built: a TERM while the store is being opened ends the run cleanly.
+    wakeups.install_signal_handlers()
+    metrics = Metrics()
+    live = pipeline.build_live(
+        settings,
+        api_key,
+        upload_events=UploadMetrics(metrics),
+        events=_FileMetrics(metrics),
+        on_rescan_needed=wakeups.request_rescan,
+    )
+    return Daemon(config_path, settings, api_key, live, metrics, wakeups).run()
