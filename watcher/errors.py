@@ -13,17 +13,24 @@
 
     ValueError
     ├── PathRuleError            this path cannot become an item (the file is parked with it)
-    └── TemplateError            a template or glob in the config cannot be parsed
+    ├── TemplateError            a template or glob in the config cannot be parsed
+    └── KeyedProblems            config: a validator's problems under keys below its model
 
     OSError
     └── NotARegularFile          a symlink, FIFO, device or folder where a file was expected
 
-The last three keep the built-in bases their callers catch them by. Anything else that escapes
-is a bug, not a user mistake.
+    Exception (signals inside the client; they never reach its callers)
+    ├── DeadlineExceeded         a request made no progress for timeout_seconds
+    └── BodyChanged              a file changed size while it was streamed
+
+The ValueError and OSError ones keep the built-in bases their callers catch them by (pydantic
+turns a ValueError from a validator into a validation error). Anything else that escapes is a
+bug, not a user mistake.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -104,3 +111,22 @@ class TemplateError(ValueError):
 
 class NotARegularFile(OSError):
     """The path is a symlink, FIFO, device or folder: we only read regular files."""
+
+
+class KeyedProblems(ValueError):
+    """Raised from a config validator to report problems under keys below the model being
+    validated: (key, message) pairs."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(message for _, message in self.problems))
+
+
+class DeadlineExceeded(Exception):
+    """Raised inside a request when its deadline has passed; the client turns it into a
+    `TimeoutUploadError`."""
+
+
+class BodyChanged(Exception):
+    """A file grew or shrank while it was streamed, so the body no longer fits Content-Length;
+    the client turns it into a `LocalFileError` for that file."""

@@ -1,28 +1,20 @@
-"""What the section models share: their base, the carrier for problems under sub-keys, and the
-field types and checks several sections use."""
+"""What the section models share: their base, and the field types and checks several sections
+use."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from watcher.rules import Problem
+from watcher.errors import KeyedProblems
 
 
 class Section(BaseModel):
     """Frozen, and unknown keys are errors: a misspelt key must not fall back to a default."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class KeyedProblems(ValueError):
-    """Raised from a validator to report problems under keys below the model being validated."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = list(problems)
-        super().__init__("; ".join(message for _, message in self.problems))
 
 
 def refuse_bool(value: Any) -> Any:
@@ -43,3 +35,15 @@ def path_text(value: str) -> str:
     if "\0" in value:
         raise ValueError("must not contain a NUL character (\\u0000)")
     return value
+
+
+def _absolute(value: Path) -> Path:
+    # A missing folder is fine (a mount may come later; the daemon waits), a relative one is
+    # not: it would depend on the daemon's working directory.
+    path_text(str(value))
+    if not value.is_absolute():
+        raise ValueError(f"must be an absolute path (got '{value}')")
+    return value
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]

@@ -7,7 +7,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from watcher.config.fields import KeyedProblems
 from watcher.config.sections import (
     DiskSettings,
     LogSettings,
@@ -20,6 +19,7 @@ from watcher.config.sections import (
 )
 from watcher.config.settings import Settings
 from watcher.config.watch import RuleSettings, WatchSettings
+from watcher.errors import KeyedProblems
 from watcher.rules import Problem, dotted_key, join_key, shorten
 
 MODEL_BY_CONTAINER: dict[str, type[BaseModel]] = {

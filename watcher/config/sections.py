@@ -9,8 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, PrivateAttr, field_validator, model_validator
 
-from watcher.config.fields import KeyedProblems, PositiveSeconds, Section, path_text, refuse_bool
+from watcher.config.fields import AbsolutePath, PositiveSeconds, Section, path_text, refuse_bool
 from watcher.config.units import parse_bandwidth_limit, parse_endpoint, parse_listen_address
+from watcher.errors import KeyedProblems
 from watcher.rules import Problem
 
 # Each worker is a thread with its own connection; against one API more than this does not go
@@ -117,15 +118,7 @@ class ScanSettings(Section):
 
 
 class StateSettings(Section):
-    path: Path = Path("/var/lib/nucleus-watcher/state.db")
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        path_text(str(value))
-        if not value.is_absolute():
-            raise ValueError(f"must be an absolute path (got '{value}')")
-        return value
+    path: AbsolutePath = Path("/var/lib/nucleus-watcher/state.db")
 
 
 # The config validates `log.format` and `log.level` against these types once; the logging setup

@@ -17,7 +17,6 @@ from pathlib import Path
 from pydantic import PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from watcher.config.fields import KeyedProblems
 from watcher.config.sections import (
     DiskSettings,
     LogSettings,
@@ -29,6 +28,7 @@ from watcher.config.sections import (
     UploadSettings,
 )
 from watcher.config.watch import WatchSettings
+from watcher.errors import KeyedProblems
 from watcher.rules import Problem, RuleSet, type_conflicts
 
 MAX_DEVICE_ID_CHARS = 253

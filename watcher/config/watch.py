@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from watcher.config.fields import KeyedProblems, Section, path_text
+from watcher.config.fields import AbsolutePath, Section
+from watcher.errors import KeyedProblems
 from watcher.files import pathfilter
 from watcher.rules import CompiledWatch, Problem, compile_watch, dotted_key
 
@@ -58,7 +58,7 @@ class RuleSettings(Section):
 
 
 class WatchSettings(Section):
-    path: Path
+    path: AbsolutePath
     dataset_id: str
     recursive: bool = True
     include: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png")
@@ -69,16 +69,6 @@ class WatchSettings(Section):
     rules: tuple[RuleSettings, ...] = ()
 
     _compiled: CompiledWatch = PrivateAttr()
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        # A missing folder is fine (a mount may come later; the daemon waits), a relative one is
-        # not: it would depend on the daemon's working directory.
-        path_text(str(value))
-        if not value.is_absolute():
-            raise ValueError(f"must be an absolute path (got '{value}')")
-        return value
 
     @field_validator("dataset_id")
     @classmethod

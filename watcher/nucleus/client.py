@@ -23,14 +23,20 @@ from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from watcher import __version__
 from watcher.config import parse_endpoint
-from watcher.errors import ConfigError, RetryableUploadError, TimeoutUploadError, UploadError
+from watcher.errors import (
+    BodyChanged,
+    ConfigError,
+    DeadlineExceeded,
+    RetryableUploadError,
+    TimeoutUploadError,
+    UploadError,
+)
 from watcher.nucleus.answers import Answer, AnswerReader, network_error
 from watcher.nucleus.bandwidth import TokenBucket
 from watcher.nucleus.bodies import multipart_form, remote_items_json
-from watcher.nucleus.deadline import DeadlineExceeded, DeadlineReaper, RequestDeadline
+from watcher.nucleus.deadline import DeadlineReaper, RequestDeadline
 from watcher.nucleus.tls import CombinedCaBundle
 from watcher.nucleus.transport import (
-    BodyChanged,
     MeteredBody,
     StreamingAdapter,
     deadline_on_this_thread,

@@ -21,17 +21,14 @@ from typing import Final
 
 from urllib3.connection import HTTPConnection
 
+from watcher.errors import DeadlineExceeded
+
 # The reaper reviews a request's progress this many times per timeout: a stalled request ends
 # at most timeout/8 late, and a long upload costs the reaper a wake-up every timeout/8.
 _REVIEWS_PER_TIMEOUT: Final = 8
 # struct tcp_info up to and including tcpi_bytes_acked (Linux 4.1+); read a little more.
 _TCP_INFO_BYTES_ACKED_END: Final = 128
 _TCP_INFO_READ_BYTES: Final = 256
-
-
-class DeadlineExceeded(Exception):
-    """Raised inside a request when its deadline has passed; the client turns it into a
-    `TimeoutUploadError`, so it never leaves the package."""
 
 
 class RequestDeadline:

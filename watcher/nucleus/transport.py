@@ -21,7 +21,7 @@ from urllib3 import ProxyManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from watcher.errors import RetryableUploadError
+from watcher.errors import BodyChanged, RetryableUploadError
 from watcher.nucleus.bandwidth import TokenBucket
 from watcher.nucleus.deadline import RequestDeadline
 
@@ -33,10 +33,6 @@ _MAX_ANSWER_BYTES: Final = 32 * 1024 * 1024
 # Of an error answer only the start is shown, so there is no point reading a huge one.
 _MAX_ERROR_ANSWER_BYTES: Final = 64 * 1024
 _ANSWER_CHUNK_BYTES: Final = 64 * 1024
-
-
-class BodyChanged(Exception):
-    """A file grew or shrank while it was streamed, so the body no longer fits Content-Length."""
 
 
 # The deadline of the request the current thread is making; the connection classes below
