@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from watcher.devserver import DevServer
+from watcher.store import StateStore
 
 
 @pytest.fixture
@@ -18,3 +19,21 @@ def devserver(tmp_path: Path) -> Iterator[DevServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    """A real state store in tmp_path/state, closed after the test."""
+    opened = StateStore.open(tmp_path / "state" / "state.db")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty watch folder, tmp_path/cam."""
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    return folder

@@ -19,20 +19,6 @@ from watcher.service import configure_logging, reset_logging
 from watcher.store import StateStore
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    s = StateStore.open(tmp_path / "state" / "state.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "cam"
-    folder.mkdir()
-    return folder
-
-
 def test_keep_leaves_confirmed_files_in_place(store: StateStore, root: Path) -> None:
     write_file(root, "a.jpg", b"aaaa")
     record(store, root, "a.jpg")

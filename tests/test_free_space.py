@@ -22,21 +22,6 @@ from tests.uploadedfiles import (
 from watcher.pipeline import FreeSpaceGuard
 from watcher.store import FileState, StateStore
 
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    s = StateStore.open(tmp_path / "state" / "state.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "cam"
-    folder.mkdir()
-    return folder
-
-
 # Other processes on this machine write and delete files while these tests run, so every
 # space threshold below keeps a margin of BIG // 2 on either side; the big files are reserved
 # with fallocate (instant, no data written) and always removed afterwards.

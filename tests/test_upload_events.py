@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
 import structlog
 
 from tests.uploadedfiles import events_named, record, send_and_confirm, write_file
 from watcher.pipeline import AfterUpload, FanOutEvents, UploadEvents
 from watcher.store import FileRecord, StateStore
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    s = StateStore.open(tmp_path / "state" / "state.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "cam"
-    folder.mkdir()
-    return folder
 
 
 class _BrokenConsumer(UploadEvents):
