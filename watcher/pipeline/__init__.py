@@ -7,10 +7,9 @@ overflows and limits, polling), whose events `intake_events` hands to a sink; `p
 to its watches; `settle` decides when a file is finished; `reconcile` walks the roots and takes
 the settler's files, and `examine` decides each one.
 
-The upload stage spans a few modules: `uploader` (the workers: claim, send), `upload_gate` (when
-a worker may claim), `upload_outcomes` (what an answer or failure becomes), `job_follower`
-(asynchronous jobs), `shared_client` (the client across key changes), `upload_policy`,
-`link_rate` (request size on a thin link) and `upload_events` (who hears about it).
+The upload stage is the `upload` subpackage (workers, their gate, outcomes, jobs, link rate);
+`after_upload` and `free_space` act on files the dataset confirmed; `wiring` builds and connects
+every part.
 
 May import: `watcher.nucleus`, `watcher.store` and everything below them.
 """
@@ -21,9 +20,6 @@ from watcher.pipeline.examine import file_sha256 as file_sha256
 from watcher.pipeline.free_space import FreeSpaceGuard as FreeSpaceGuard
 from watcher.pipeline.intake import Intake as Intake
 from watcher.pipeline.intake_events import WatchSpec as WatchSpec
-from watcher.pipeline.link_rate import START_RATE_BYTES_PER_SECOND as START_RATE_BYTES_PER_SECOND
-from watcher.pipeline.link_rate import LinkRate as LinkRate
-from watcher.pipeline.link_rate import RequestShape as RequestShape
 from watcher.pipeline.plans import WatchPlan as WatchPlan
 from watcher.pipeline.plans import plans_for as plans_for
 from watcher.pipeline.reconcile import Reconciler as Reconciler
@@ -31,8 +27,11 @@ from watcher.pipeline.settle import CLOSE_GRACE_SECONDS as CLOSE_GRACE_SECONDS
 from watcher.pipeline.settle import IncompleteFile as IncompleteFile
 from watcher.pipeline.settle import ReadyFile as ReadyFile
 from watcher.pipeline.settle import Settler as Settler
-from watcher.pipeline.upload_events import FanOutEvents as FanOutEvents
-from watcher.pipeline.upload_events import UploadEvents as UploadEvents
-from watcher.pipeline.upload_policy import UploadPolicy as UploadPolicy
-from watcher.pipeline.upload_policy import backoff_delay as backoff_delay
-from watcher.pipeline.uploader import Uploader as Uploader
+from watcher.pipeline.upload import START_RATE_BYTES_PER_SECOND as START_RATE_BYTES_PER_SECOND
+from watcher.pipeline.upload import FanOutEvents as FanOutEvents
+from watcher.pipeline.upload import LinkRate as LinkRate
+from watcher.pipeline.upload import RequestShape as RequestShape
+from watcher.pipeline.upload import Uploader as Uploader
+from watcher.pipeline.upload import UploadEvents as UploadEvents
+from watcher.pipeline.upload import UploadPolicy as UploadPolicy
+from watcher.pipeline.upload import backoff_delay as backoff_delay

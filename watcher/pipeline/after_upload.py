@@ -21,7 +21,7 @@ import structlog
 
 from watcher.errors import NotARegularFile
 from watcher.files import open_regular_file, path_from_text
-from watcher.pipeline.upload_events import UploadEvents
+from watcher.pipeline.upload.events import UploadEvents
 from watcher.store import FileRecord, FileState, StateStore
 
 log = structlog.get_logger("watcher.disk")

@@ -23,9 +23,9 @@ from watcher.pipeline.intake_events import WatchSpec
 from watcher.pipeline.plans import WatchPlan, plans_for, plans_taking
 from watcher.pipeline.reconcile import Reconciler, SettledEvents
 from watcher.pipeline.settle import Settler
-from watcher.pipeline.upload_events import FanOutEvents, UploadEvents
-from watcher.pipeline.upload_policy import UploadPolicy
-from watcher.pipeline.uploader import Uploader
+from watcher.pipeline.upload.events import FanOutEvents, UploadEvents
+from watcher.pipeline.upload.policy import UploadPolicy
+from watcher.pipeline.upload.uploader import Uploader
 from watcher.store import StateStore, watch_key, watch_key_aliases
 
 # LiveRoutes logs as the daemon (file_gone), the logger name operators filter on.

@@ -24,13 +24,13 @@ from watcher.errors import (
     UnauthorizedError,
 )
 from watcher.nucleus import NucleusClient, UploadItem
-from watcher.pipeline.job_follower import JobFollower
-from watcher.pipeline.link_rate import LinkRate
-from watcher.pipeline.shared_client import SharedClient
-from watcher.pipeline.upload_events import FanOutEvents, UploadEvents
-from watcher.pipeline.upload_gate import UploadGate
-from watcher.pipeline.upload_outcomes import UploadOutcomes
-from watcher.pipeline.upload_policy import UploadPolicy
+from watcher.pipeline.upload.events import FanOutEvents, UploadEvents
+from watcher.pipeline.upload.gate import UploadGate
+from watcher.pipeline.upload.job_follower import JobFollower
+from watcher.pipeline.upload.link_rate import LinkRate
+from watcher.pipeline.upload.outcomes import UploadOutcomes
+from watcher.pipeline.upload.policy import UploadPolicy
+from watcher.pipeline.upload.shared_client import SharedClient
 from watcher.store import FileRecord, StateStore
 
 log = structlog.get_logger("watcher.uploader")

@@ -17,10 +17,10 @@ from watcher.errors import (
     UploadError,
 )
 from watcher.nucleus import JobState
-from watcher.pipeline.shared_client import SharedClient
-from watcher.pipeline.upload_gate import UploadGate
-from watcher.pipeline.upload_outcomes import UploadOutcomes
-from watcher.pipeline.upload_policy import UploadPolicy
+from watcher.pipeline.upload.gate import UploadGate
+from watcher.pipeline.upload.outcomes import UploadOutcomes
+from watcher.pipeline.upload.policy import UploadPolicy
+from watcher.pipeline.upload.shared_client import SharedClient
 from watcher.store import FileRecord, StateStore
 
 log = structlog.get_logger("watcher.uploader")

@@ -13,9 +13,9 @@ import structlog
 
 from watcher.errors import LocalFileError, RetryableUploadError, TimeoutUploadError
 from watcher.nucleus import AppendResult
-from watcher.pipeline.upload_events import UploadEvents
-from watcher.pipeline.upload_gate import UploadGate
-from watcher.pipeline.upload_policy import UploadPolicy, backoff_delay
+from watcher.pipeline.upload.events import UploadEvents
+from watcher.pipeline.upload.gate import UploadGate
+from watcher.pipeline.upload.policy import UploadPolicy, backoff_delay
 from watcher.store import FileRecord, StateStore
 
 log = structlog.get_logger("watcher.uploader")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from watcher.pipeline.link_rate import LinkRate, RequestShape
+from watcher.pipeline.upload.link_rate import LinkRate, RequestShape
 
 log = structlog.get_logger("watcher.uploader")
 
