@@ -27,7 +27,9 @@ One thing per module (the leading-underscore names are private to this package):
     routes            `API_PREFIX`, `_Route`: API paths parsed into routes
     append_items      the items of an append request, from its multipart form or JSON body
     request_log       `RequestRecord`, `_RequestLog`: every request as the devserver saw it
-    handler           `_Handler`, `_HttpServer`: HTTP/1.1 requests, answers, faults acted out
+    context           `_ServerContext`: what every connection thread shares
+    handler           `_Handler`: HTTP/1.1 requests, answers, faults acted out
+    http_server       `_HttpServer`: the threaded server that knows (and ends) its connections
     server            `DevServer` and `serve_forever_cli`
 """
 

@@ -1,24 +1,17 @@
-"""HTTP/1.1: the request handler (routing, auth, appends, acting out faults, answers) and the
-threaded server that knows its connections.
-"""
+"""HTTP/1.1: the request handler (routing, auth, appends, acting out faults, answers)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import json
 import socket
-import socketserver
 import struct
 import sys
-import threading
-import time
 import traceback
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,26 +24,19 @@ from watcher.devserver.append_items import (
     _parse_json_bytes,
 )
 from watcher.devserver.body import _BodyReader
-from watcher.devserver.catalog import StoredItem, _Catalog, _IncomingItem
-from watcher.devserver.faults import _Fault, _FaultPlan, _retry_after_text
-from watcher.devserver.jobs import _JobBook
+from watcher.devserver.catalog import StoredItem, _IncomingItem
+from watcher.devserver.context import _ContextServer
+from watcher.devserver.faults import _Fault, _retry_after_text
 from watcher.devserver.multipart import _MAX_FIELD_BYTES, _MultipartReceiver, _ReceivedForm
 from watcher.devserver.request_failures import _ClientGone, _RequestRejected
-from watcher.devserver.request_log import RequestRecord, _RequestLog
+from watcher.devserver.request_log import RequestRecord
 from watcher.devserver.routes import _Route
-from watcher.nucleus import TokenBucket
 
 _MAX_SMALL_BODY_BYTES: Final = 1 << 20  # bodies of GET/DELETE (the official client sends "{}")
 _RESET_READ_BYTES: Final = 64 << 10
 _STALL_SECONDS: Final = 300.0
 _IDLE_CONNECTION_SECONDS: Final = 300.0
 _LINGER_DRAIN_SECONDS: Final = 2.0
-# With a link rate the connection should look like one over a real network: the kernel may
-# hold only a little of a body the handler has not read (a big receive buffer would acknowledge
-# megabytes at once, which no thin link does), in Ethernet-sized segments (loopback's 64 KiB
-# segments leave a nearly closed window stuck until a whole segment fits).
-_LINK_RECEIVE_BUFFER_BYTES: Final = 16 * 1024
-_LINK_SEGMENT_BYTES: Final = 1448
 
 
 def _item_answer(dataset_id: str, item: StoredItem) -> dict[str, Any]:
@@ -69,25 +55,6 @@ def _item_answer(dataset_id: str, item: StoredItem) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- shared state
-
-
-@dataclass
-class _ServerContext:
-    """What every connection thread shares."""
-
-    catalog: _Catalog
-    jobs: _JobBook
-    faults: _FaultPlan
-    log: _RequestLog
-    stopping: threading.Event  # set by stop(): stalled and dripping answers give up
-    api_key: str | None
-    max_body_bytes: int
-    drip_byte_interval_seconds: float
-    link: TokenBucket | None = None  # paces reading every request body, all connections
-    down: bool = False
-
-
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -98,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "nucleus-devserver/1"
     sys_version = ""
     timeout = _IDLE_CONNECTION_SECONDS
-    server: _HttpServer
+    server: _ContextServer
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -444,69 +411,3 @@ class _Handler(BaseHTTPRequestHandler):
             ):
                 self.close_connection = True
                 return
-
-
-class _HttpServer(ThreadingHTTPServer):
-    """Threaded HTTP server that knows its connections, so stop() can end and join them."""
-
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], context: _ServerContext) -> None:
-        self.context = context
-        self._connections_lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        if self.context.link is not None:
-            # Set on the listening socket, so accepted ones inherit it before the handshake
-            # fixes their window scale.
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LINK_RECEIVE_BUFFER_BYTES)
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, _LINK_SEGMENT_BYTES)
-        # HTTPServer.server_bind looks up the host's FQDN, which can stall on a broken resolver.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        connection, address = super().get_request()
-        # Without it a reply written in two pieces waits ~40 ms for the client's delayed ACK.
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return connection, address
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        thread = threading.Thread(
-            target=self._serve_connection,
-            args=(request, client_address),
-            name=f"devserver-conn-{client_address[1]}",
-            daemon=True,
-        )
-        with self._connections_lock:
-            self._connections[request] = thread
-        thread.start()
-
-    def _serve_connection(self, request: socket.socket, client_address: Any) -> None:
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self._connections_lock:
-                self._connections.pop(request, None)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            return  # a client that went away mid-answer is normal here
-        super().handle_error(request, client_address)
-
-    def end_connections(self, timeout_seconds: float) -> None:
-        """Wake every connection thread (their sockets stop working) and join them."""
-        with self._connections_lock:
-            connections = list(self._connections.items())
-        for connection, _ in connections:
-            with contextlib.suppress(OSError):  # already closed by its thread
-                connection.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout_seconds
-        for _, thread in connections:
-            thread.join(max(0.0, deadline - time.monotonic()))

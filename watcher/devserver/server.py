@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Final
 
 from watcher.devserver.catalog import StoredItem, _Catalog
+from watcher.devserver.context import _ServerContext
 from watcher.devserver.faults import _FaultPlan
-from watcher.devserver.handler import _HttpServer, _ServerContext
+from watcher.devserver.http_server import _HttpServer
 from watcher.devserver.jobs import _JobBook
 from watcher.devserver.request_log import RequestRecord, _RequestLog
 from watcher.devserver.routes import API_PREFIX
